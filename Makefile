@@ -11,6 +11,10 @@ LAB         := $(PY) lab/llmlab.py
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PYTHONDONTWRITEBYTECODE := 1
+# Every podman call of the project (lab tool, molecule, testinfra) uses project-owned settings
+# (runc, lowered ulimits, own storage), never the global /etc/containers files.
+export CONTAINERS_CONF := $(CURDIR)/lab/podman/containers.conf
+export CONTAINERS_STORAGE_CONF := $(CURDIR)/lab/podman/storage.conf
 
 # Debian packages the control node needs: rootful podman for the lab (runc, not crun: see
 # lab/README.md), debootstrap for the base image, ssh client, rsync for the sanity tree.

@@ -691,8 +691,14 @@ def plan(config, gpus, engine="tgi", quantize="auto", dtype="auto", kv_cache_dty
             if result["fits"]:
                 chosen = (ctx, method, mquant, source, kernel, result)
                 break
-            tried.append("num_shard %d: %d tokens of KV fit per GPU, %d wanted" % (
-                shards, result["token_budget"], token_demand))
+            if result["kv_budget_bytes_per_gpu"]:
+                tried.append("num_shard %d: %d tokens of KV fit per GPU, %d wanted" % (
+                    shards, result["token_budget"], token_demand))
+            else:
+                tried.append("num_shard %d: weights %.1f GiB + headroom %.1f GiB per GPU exceed "
+                             "%.1f GiB usable" % (shards, result["weight_bytes_per_gpu"] / GIB,
+                                                  result["headroom_bytes_per_gpu"] / GIB,
+                                                  usable / GIB))
         if chosen:
             if tried:
                 reasons.append("%s: %s" % (method, "; ".join(tried)))

@@ -236,7 +236,7 @@ def taken_networks(podman_networks: list[dict], routes: list[dict], own_network:
         with contextlib.suppress(ValueError):
             parsed = ipaddress.ip_network(dst, strict=False)
             if parsed.version == 4 and parsed.prefixlen > 0:
-                taken[parsed] = f"route {dst} dev {route.get('dev', '?')}"
+                taken.setdefault(parsed, f"route {dst} dev {route.get('dev', '?')}")
     return taken
 
 
@@ -644,15 +644,23 @@ def start_container(host: Host, lab: str, net: str, image: str, key: Path) -> No
 
 def wait_ready(host: Host, key: Path, deadline: float) -> str:
     """Waits until sshd answers and systemd finished booting; returns the system state."""
+    logs_hint = f"see `podman logs {host.name}` (with CONTAINERS_CONF=lab/podman/containers.conf)"
+    next_check = time.monotonic() + 5
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise LabError(f"{host.name} ({host.address}) not ready over SSH after {READY_TIMEOUT_S}s: "
-                           f"see `podman logs {host.name}` (with CONTAINERS_CONF from lab/podman)")
+            raise LabError(f"{host.name} ({host.address}) not ready over SSH after {READY_TIMEOUT_S}s: {logs_hint}")
         try:
             with socket.create_connection((host.address, 22), timeout=min(1.0, remaining)):
                 pass
         except OSError:
+            if time.monotonic() > next_check:
+                # A host whose init died will never answer: say so now, not after the timeout.
+                status = podman("container", "inspect", "--format", "{{.State.Status}}", host.name,
+                                check=False).stdout.strip()
+                if status != "running":
+                    raise LabError(f"{host.name} is {status or 'gone'} instead of booting: {logs_hint}")
+                next_check = time.monotonic() + 5
             time.sleep(0.1)
             continue
         proc = run(["ssh", *ssh_options(str(key)), "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
@@ -762,7 +770,9 @@ def known_labs() -> list[str]:
     labs = {c["Labels"][LABEL] for c in lab_containers(None).values()}
     labs |= {n["labels"][LABEL] for n in lab_networks(None).values()}
     if STATE_ROOT.is_dir():
-        labs |= {p.name for p in STATE_ROOT.iterdir() if (p / "state.json").exists() or p.is_dir()}
+        # A lab's state dir holds its key from the first step of `up`, so half-made labs count too.
+        labs |= {p.name for p in STATE_ROOT.iterdir() if NAME_RE.fullmatch(p.name)
+                 and ((p / "state.json").exists() or (p / "id_ed25519").exists())}
     return sorted(labs)
 
 
@@ -822,11 +832,15 @@ def cmd_status(args) -> None:
     if not labs:
         print("no lab is up (start one with `llmlab.py up`)")
         return
-    print(f"image {image_ref()}: {'cached' if podman('image', 'exists', image_ref(), check=False).returncode == 0 else 'not built'}")
+    current = image_ref()
+    cached = podman("image", "exists", current, check=False).returncode == 0
+    print(f"image {current}: {'cached' if cached else 'not built yet (`llmlab.py image`)'}")
     for lab in labs:
         state = read_state(lab) or {}
         containers = lab_containers(lab)
-        net = state.get("network", {})
+        net = state.get("network") or next(
+            ({"name": name, "subnet": n["subnets"][0]["subnet"], "gateway": n["subnets"][0].get("gateway")}
+             for name, n in lab_networks(lab).items()), {})
         print(f"lab {lab}: network {net.get('name', '?')} {net.get('subnet', '?')}, "
               f"control node {net.get('gateway', '?')}, inventory {relative(inventory_path(lab))}")
         hosts = state.get("hosts") or [{"name": n, "address": "?"} for n in sorted(containers)]
@@ -836,10 +850,12 @@ def cmd_status(args) -> None:
             reach = dict(zip(names, pool.map(
                 lambda n: by_name.get(n, {}).get("address", "?") != "?" and "key" in state
                 and ssh_reachable(by_name[n]["address"], state["key"]), names)))
-        print(f"  {'HOST':<24} {'ADDRESS':<15} {'CONTAINER':<10} SSH")
+        print(f"  {'HOST':<24} {'ADDRESS':<15} {'CONTAINER':<10} {'SSH':<4} IMAGE")
         for name in names:
+            info = containers.get(name, {})
+            image = "" if not info else "current" if info.get("Image") == current else "older: down + up to rebuild"
             print(f"  {name:<24} {by_name.get(name, {}).get('address', '?'):<15} "
-                  f"{containers.get(name, {}).get('State', 'missing'):<10} {'ok' if reach[name] else 'no'}")
+                  f"{info.get('State', 'missing'):<10} {'ok' if reach[name] else 'no':<4} {image}")
 
 
 def find_host(target: str, lab: str) -> tuple[dict, dict]:
@@ -950,6 +966,10 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.TimeoutExpired as err:
         print(f"llmlab.py {args.command}: error: `{' '.join(err.cmd[:3])}` timed out", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`llmlab.py status | head`): nothing failed in the lab.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"llmlab.py {args.command}: interrupted; `llmlab.py down` removes what was started",
               file=sys.stderr)

@@ -365,6 +365,23 @@ def test_h200_rows_read_like_the_capture():
     assert rows["gpu3_compute_capability"]["found"] == "9.0 (Hopper)"
 
 
+def test_gpu_rows_from_the_real_h200_capture_through_gpu_info_parsers():
+    """Contract with gpu_info: its parser's output for the captured 1 x H200 drives the GPU rows."""
+    gpu = pytest.importorskip("ansible_collections.llmfleet.serving.plugins.module_utils._gpu")
+    capture = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "nvidia", "h200-1gpu",
+                           "nvidia-smi-q-x.xml")
+    with open(capture, encoding="utf-8") as handle:
+        facts = gpu.parse_smi_xml(handle.read())
+    facts["source"] = "nvidia-smi"
+    facts["health"] = gpu.health_findings(facts)
+    rows = rows_by_id(pf.evaluate(observed(gpu=facts), profile()))
+    assert rows["gpu_count"]["found"] == "1 x NVIDIA H200 (driver 580.159.04, nvidia-smi)"
+    assert (rows["gpu0_memory"]["found"], rows["gpu0_memory"]["verdict"]) == ("140.4 GiB (NVIDIA H200)", pf.OK)
+    assert (rows["gpu0_compute_capability"]["found"], rows["gpu0_compute_capability"]["verdict"]) == (
+        "9.0 (Hopper)", pf.OK)
+    assert rows["gpu_health"]["verdict"] == pf.OK
+
+
 def test_sysfs_source_without_driver():
     gpu = dict(H200, uuid=None, compute_capability=None, memory_total_mib=144384, memory_nominal=True)
     health = [{"severity": "warning", "gpu": None, "check": "driver_missing",

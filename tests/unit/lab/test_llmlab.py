@@ -77,8 +77,8 @@ def test_bad_name_fails_before_touching_podman(llmlab, monkeypatch, capsys):
 
 def test_subnet_is_a_fixed_slot_of_the_pool(llmlab):
     first, notes = llmlab.derive_subnet("lab", {})
-    again, _ = llmlab.derive_subnet("lab", {})
-    assert first == again and notes == []
+    again, again_notes = llmlab.derive_subnet("lab", {})
+    assert first == again and notes == again_notes == []
     assert first.prefixlen == 24 and first.subnet_of(llmlab.SUBNET_POOL)
 
 
@@ -88,7 +88,7 @@ def test_different_names_spread_over_the_pool(llmlab):
 
 
 def test_taken_slot_is_skipped_with_a_note(llmlab):
-    usual, _ = llmlab.derive_subnet("lab", {})
+    usual = llmlab.derive_subnet("lab", {})[0]
     got, notes = llmlab.derive_subnet("lab", {usual: "podman network other"})
     assert got != usual and got.subnet_of(llmlab.SUBNET_POOL)
     assert notes == [f"{usual} is used by podman network other"]
@@ -247,9 +247,9 @@ ANSIBLE_INVENTORY = Path(sys.executable).parent / "ansible-inventory"
 def test_ansible_reads_the_inventory(llmlab, tmp_path):
     inventory = tmp_path / "hosts.yml"
     inventory.write_text(llmlab.render_inventory(lab_state(llmlab, tmp_path)))
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": str(tmp_path)}
     out = subprocess.run([str(ANSIBLE_INVENTORY), "-i", str(inventory), "--list"], capture_output=True, text=True,
-                         check=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8",
-                                          "HOME": str(tmp_path)})
+                         check=True, cwd=tmp_path, env=env)
     listed = json.loads(out.stdout)
     assert listed["gpu_nodes"]["hosts"] == ["lab-node1", "lab-node2", "lab-node3"]
     assert listed["pilot"]["hosts"] == ["lab-node1"]

@@ -46,6 +46,8 @@ DATA_ROOT = Path("/var/lib/llmfleet-lab")
 BUILD_ROOT = DATA_ROOT / "build"
 DEBOOTSTRAP_CACHE = DATA_ROOT / "cache" / "debootstrap"
 RUN_ROOT = Path("/run/llmfleet-lab")
+# debootstrap, chroot and podman's runtimes live in sbin, which a sudo or cron PATH may lack.
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 DEFAULT_NAME = "lab"
 DEFAULT_HOSTS = 3
@@ -246,8 +248,8 @@ def recipe_hash(packages=PACKAGES, setup=ROOTFS_SETUP, suite=SUITE, mirror=MIRRO
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def image_ref(tag: str | None = None) -> str:
-    return f"{IMAGE_REPO}:{tag or recipe_hash()}"
+def image_ref() -> str:
+    return f"{IMAGE_REPO}:{recipe_hash()}"
 
 
 @dataclass
@@ -257,10 +259,6 @@ class Reconcile:
     remove: list[str]
     keep: list[str]
     outdated: list[str]
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.create or self.start or self.remove)
 
     def summary(self) -> str:
         parts = [f"{verb} {len(names)}" for verb, names in
@@ -445,9 +443,6 @@ def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def podman_json(*args: str):
     out = podman(*args).stdout.strip()
     return json.loads(out) if out else []
-
-
-SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def require(*, root: bool = True, tools: tuple[str, ...] = ("podman", "runc", "ssh", "ssh-keygen")) -> None:
@@ -755,13 +750,13 @@ def cmd_up(args) -> None:
     clock.say(f"{count} host(s) answer SSH; inventory {relative(inventory)}")
     print(f"timings: {clock.report()}")
     print(f"  ansible -i {relative(inventory)} gpu_nodes -m ping")
-    print(f"  {relative(Path(sys.argv[0]))} ssh {hosts[0].name}")
+    print(f"  {relative(Path(sys.executable))} {relative(Path(__file__))} ssh {hosts[0].name}")
     print(f"lab {lab}: {count} hosts ready ({plan.summary()})")
 
 
 def relative(path: Path) -> str:
     with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(Path(os.path.abspath(path)).relative_to(Path.cwd()))
     return str(path)
 
 
@@ -912,7 +907,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="llmlab.py", description=__doc__.splitlines()[0],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="subcommand", required=True, parser_class=Parser)
 
     def host_count(value: str) -> int:
         try:
@@ -960,17 +955,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LabError as err:
-        print(f"llmlab.py {args.command}: error: {err}", file=sys.stderr)
+        print(f"llmlab.py {args.subcommand}: error: {err}", file=sys.stderr)
         return 1
     except subprocess.TimeoutExpired as err:
-        print(f"llmlab.py {args.command}: error: `{' '.join(err.cmd[:3])}` timed out", file=sys.stderr)
+        print(f"llmlab.py {args.subcommand}: error: `{' '.join(err.cmd[:3])}` timed out", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (`llmlab.py status | head`): nothing failed in the lab.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"llmlab.py {args.command}: interrupted; `llmlab.py down` removes what was started",
+        print(f"llmlab.py {args.subcommand}: interrupted; `llmlab.py down` removes what was started",
               file=sys.stderr)
         return 130
     return 0

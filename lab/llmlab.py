@@ -822,9 +822,12 @@ def ssh_reachable(address: str, key: str) -> bool:
 
 def cmd_status(args) -> None:
     require(tools=("podman", "ssh"))
-    labs = [validate_name(args.name)] if args.name else known_labs()
+    labs = known_labs()
+    if args.name:
+        labs = [name for name in labs if name == validate_name(args.name)]
     if not labs:
-        print("no lab is up (start one with `llmlab.py up`)")
+        what = f"lab {args.name} is" if args.name else "no lab is"
+        print(f"{what} {'not ' if args.name else ''}up (start one with `llmlab.py up`)")
         return
     current = image_ref()
     cached = podman("image", "exists", current, check=False).returncode == 0

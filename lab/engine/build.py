@@ -69,7 +69,7 @@ def podman_env() -> dict:
 
 
 def podman(*args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["podman", *args], env=podman_env(), text=True,
+    proc = subprocess.run(["podman", *args], env=podman_env(), text=True, check=False,
                           stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE)
     if check and proc.returncode != 0:
         raise BuildError(f"podman {' '.join(args[:3])}... failed (rc={proc.returncode}): {proc.stderr.strip()[-800:]}")
@@ -93,7 +93,8 @@ def ensure_base(base: str | None) -> str:
     ref = lab_base_image()
     if podman("image", "exists", ref, check=False).returncode != 0:
         print(f"build: base image {ref} missing, running lab/llmlab.py image", file=sys.stderr)
-        proc = subprocess.run([sys.executable, str(REPO / "lab" / "llmlab.py"), "image"], env=podman_env())
+        proc = subprocess.run([sys.executable, str(REPO / "lab" / "llmlab.py"), "image"], env=podman_env(),
+                              check=False)
         if proc.returncode != 0:
             raise BuildError("lab/llmlab.py image failed")
     return ref
@@ -172,7 +173,7 @@ def _remove_old_images(keep: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--base", help="base image (default: the lab base image of lab/llmlab.py)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--force", action="store_true", help="rebuild even if the tag exists")

@@ -104,7 +104,7 @@ def _env_value(kind, raw: str, name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmfleet-ref-engine", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="llmfleet-ref-engine", description=__doc__.split("\n\n", maxsplit=1)[0])
     for name, kind, _default in LAUNCHER_ARGS:
         flag = "--" + name.replace("_", "-")
         if kind is _FLAG:
@@ -270,7 +270,7 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
         except (ValueError, KeyError) as exc:
             raise StartupError(f"{index_path.name}: not a safetensors index ({exc})") from None
     elif (model_dir / "model.safetensors").is_file():
-        header, _ = read_safetensors_header(model_dir / "model.safetensors")
+        header, _start = read_safetensors_header(model_dir / "model.safetensors")
         weight_map = {name: "model.safetensors" for name in header}
     else:
         raise StartupError(f"{model_dir}: no model.safetensors.index.json and no model.safetensors")
@@ -365,7 +365,7 @@ class Tokenizer:
         return out
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [t for t, _, _ in self.encode_with_offsets(text, add_special_tokens)]
+        return [t for t, _start, _stop in self.encode_with_offsets(text, add_special_tokens)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         out = bytearray()
@@ -465,7 +465,7 @@ class Llama:
 
     def new_cache(self, capacity: int) -> list:
         shape = (self.kv_heads, capacity, self.head_dim)
-        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.layers_n)]
+        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _layer in range(self.layers_n)]
 
     def _rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * w
@@ -481,8 +481,8 @@ class Llama:
         """One step over several sequences: parts = [(new token ids, position of the first, cache)].
         Returns per sequence the logits of its last new token ([vocab]), or of every new token
         ([n, vocab]) with all_logits."""
-        ids = np.array([t for toks, _, _ in parts for t in toks], dtype=np.int64)
-        positions = np.concatenate([np.arange(p, p + len(toks)) for toks, p, _ in parts])
+        ids = np.array([t for toks, _pos, _cache in parts for t in toks], dtype=np.int64)
+        positions = np.concatenate([np.arange(p, p + len(toks)) for toks, p, _cache in parts])
         x = self.embed[ids]
         group = self.heads // self.kv_heads
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -520,7 +520,7 @@ class Llama:
             x = x + (gate / (1.0 + np.exp(-gate)) * up) @ layer["down"]
         results = []
         row = 0
-        for toks, _, _ in parts:
+        for toks, _pos, _cache in parts:
             n = len(toks)
             rows = x[row:row + n] if all_logits else x[row + n - 1:row + n]
             logits = self._rms(rows, self.norm) @ self.lm_head
@@ -660,7 +660,7 @@ class Metrics:
         self.histograms: dict[tuple, list] = {}
         duration = []
         value = 0.0001
-        for _ in range(35):
+        for _step in range(35):
             value *= 1.5
             duration.append(value)
         self.buckets = {
@@ -887,7 +887,7 @@ class Engine:
         top_k = number("top_k", None, int)
         top_p = number("top_p", None)
         typical_p = number("typical_p", None)
-        do_sample = bool(p.get("do_sample") or False)
+        do_sample = bool(p.get("do_sample"))
         sampling = do_sample or temperature is not None or top_k is not None or top_p is not None \
             or typical_p is not None
         if best_of > 1 and not sampling:
@@ -952,9 +952,9 @@ class Engine:
             "top_p": 1.0 if top_p is None else top_p, "typical_p": 1.0 if typical_p is None else typical_p,
             "do_sample": do_sample, "repetition_penalty": repetition_penalty,
             "frequency_penalty": frequency_penalty, "max_new_tokens": max_new_tokens, "stop": stop,
-            "details": bool(p.get("details") or False),
-            "decoder_input_details": bool(p.get("decoder_input_details") or False),
-            "return_full_text": bool(p.get("return_full_text") or False), "top_n_tokens": top_n_tokens,
+            "details": bool(p.get("details")),
+            "decoder_input_details": bool(p.get("decoder_input_details")),
+            "return_full_text": bool(p.get("return_full_text")), "top_n_tokens": top_n_tokens,
         }
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
@@ -1387,7 +1387,7 @@ class Handler(BaseHTTPRequestHandler):
             return request, self._wait(request), []
         params = {**request.params, "best_of": 1, "do_sample": True}
         runs = [Request(request.input_ids, params, Sampler(params, int.from_bytes(os.urandom(8), "little") >> 1),
-                        request.inputs) for _ in range(n)]
+                        request.inputs) for _copy in range(n)]
         submitted = []
         try:
             for run in runs:
@@ -1537,8 +1537,8 @@ class Handler(BaseHTTPRequestHandler):
                               bool((body.get("stream_options") or {}).get("include_usage")))
             return
         try:
-            request, end, _ = self._run(self._validated({"inputs": rendered, "parameters": params},
-                                                         add_special_tokens=False))
+            valid = self._validated({"inputs": rendered, "parameters": params}, add_special_tokens=False)
+            request, end, _runs = self._run(valid)
         except InferError as err:
             self._error(err)
             return

@@ -282,7 +282,7 @@ def plan_shards(specs: list[tuple[str, list[int]]], shards: int) -> list[list[tu
     """Split the tensors, in order, into `shards` contiguous groups of about equal size."""
     if shards < 1 or shards > len(specs):
         raise ValueError(f"--shards must be between 1 and {len(specs)} (the number of tensors)")
-    total = sum(nbytes(shape) for _, shape in specs)
+    total = sum(nbytes(shape) for _name, shape in specs)
     groups: list[list] = [[]]
     done = 0
     for i, spec in enumerate(specs):
@@ -394,8 +394,8 @@ def build_model(root, name: str = DEFAULT_NAME, seed: int = 0, revision_salt: st
         for i, group in enumerate(groups, 1):
             rel = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
             files.append(_write_file(staging, rel, _shard_chunks(key, group)))
-            weight_map.update({tensor: rel for tensor, _ in group})
-        index = {"metadata": {"total_size": sum(nbytes(s) for _, s in specs)}, "weight_map": weight_map}
+            weight_map.update({tensor: rel for tensor, _shape in group})
+        index = {"metadata": {"total_size": sum(nbytes(s) for _name, s in specs)}, "weight_map": weight_map}
         documents = {
             "config.json": model_config(dims),
             "generation_config.json": generation_config(),
@@ -457,7 +457,7 @@ def _summary_if_intact(path: Path) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--root", required=True, help="mirror root; the model goes to ROOT/NAME/REVISION/")
     parser.add_argument("--name", default=DEFAULT_NAME)
     parser.add_argument("--seed", type=int, default=0)

@@ -81,14 +81,14 @@ def test_manifest_lists_every_file_with_size_and_digest(model):
 
 
 def test_index_maps_every_tensor_to_the_shard_holding_it(model):
-    path, _ = model
+    path, _summary = model
     index = json.loads((path / "model.safetensors.index.json").read_text())
     shards = sorted(path.glob("model-*.safetensors"))
     assert [s.name for s in shards] == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
     seen = {}
     total = 0
     for shard in shards:
-        header, _, _ = read_header(shard)
+        header, _length, _raw = read_header(shard)
         header.pop("__metadata__")
         for name, info in header.items():
             seen[name] = shard.name
@@ -98,7 +98,7 @@ def test_index_maps_every_tensor_to_the_shard_holding_it(model):
 
 
 def test_safetensors_headers_parse_and_match_the_config(model):
-    path, _ = model
+    path, _summary = model
     config = json.loads((path / "config.json").read_text())
     hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["head_dim"]
@@ -129,7 +129,7 @@ def test_safetensors_headers_parse_and_match_the_config(model):
 
 
 def test_weights_are_small_finite_bf16_and_norms_are_one(model):
-    path, _ = model
+    path, _summary = model
     header, length, raw = read_header(path / "model-00001-of-00003.safetensors")
     base = 8 + length
     q = header["model.layers.0.self_attn.q_proj.weight"]["data_offsets"]
@@ -141,7 +141,7 @@ def test_weights_are_small_finite_bf16_and_norms_are_one(model):
 
 
 def test_tokenizer_is_byte_level_with_the_config_special_tokens(model):
-    path, _ = model
+    path, _summary = model
     tokenizer = json.loads((path / "tokenizer.json").read_text())
     config = json.loads((path / "config.json").read_text())
     generation = json.loads((path / "generation_config.json").read_text())
@@ -176,9 +176,9 @@ def test_target_size_widens_the_mlp_and_shards_stay_balanced():
     dims = {"hidden_size": 64, "intermediate_size": 128, "layers": 2, "heads": 4, "kv_heads": 2,
             "max_position_embeddings": 2048}
     wide = mm.widen_for_target(dims, 2048)
-    total = sum(mm.nbytes(s) for _, s in mm.tensor_specs(wide))
+    total = sum(mm.nbytes(s) for _name, s in mm.tensor_specs(wide))
     assert 2048 << 20 <= total < (2048 << 20) + 3 * 64 * 2 * 2
-    sizes = [sum(mm.nbytes(s) for _, s in group) for group in mm.plan_shards(mm.tensor_specs(wide), 3)]
+    sizes = [sum(mm.nbytes(s) for _name, s in group) for group in mm.plan_shards(mm.tensor_specs(wide), 3)]
     assert max(sizes) / min(sizes) < 1.1
 
 

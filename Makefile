@@ -70,8 +70,9 @@ lab-status:
 
 .PHONY: demo
 demo: deps
+	$(LAB) image
 	$(LAB) up --hosts $${LAB_HOSTS:-3}
-	ansible-playbook -i inventories/lab/hosts.yml playbooks/preflight.yml -e preflight_enforce=false
+	ansible-playbook -i inventories/lab/hosts.yml playbooks/preflight.yml
 
 # ---- tests ---------------------------------------------------------------------------------
 .PHONY: test unit lint sanity build molecule

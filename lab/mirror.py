@@ -201,6 +201,8 @@ class Handler(BaseHTTPRequestHandler):
 
 class MirrorServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops SYNs under a burst of clients (1 s retransmits).
+    request_queue_size = 128
     allow_reuse_address = True
 
     def __init__(self, address, root: Path, rate_limit: int, access_log: str | None, abort_after_bytes: int):

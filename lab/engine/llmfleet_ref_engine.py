@@ -1656,6 +1656,8 @@ def info(engine: Engine) -> dict:
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops SYNs under a burst of clients (1 s retransmits).
+    request_queue_size = 128
     allow_reuse_address = True
 
     def __init__(self, address, handler, family=socket.AF_INET):

@@ -386,3 +386,18 @@ def test_launcher_arguments_are_checked_like_tgi(model):
     proc = subprocess.run([sys.executable, str(ENGINE), "--model-id", str(model), "--no-such-flag"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("args, admitted", [
+    ([], 4),
+    (["--max-batch-size", "2"], 2),
+    (["--max-batch-total-tokens", "512", "--max-total-tokens", "256"], 2),
+    (["--max-batch-prefill-tokens", "300", "--max-input-tokens", "200", "--max-total-tokens", "256"], 1),
+])
+def test_the_batch_honours_tgi_budgets(model, args, admitted):
+    ref = _load("lab_ref_engine", ENGINE)
+    engine = ref.Engine(ref.parse_args(["--model-id", str(model), *args], {}), ref.Log())
+    for _request in range(4):
+        engine.waiting.append(engine.validate("x" * 150, {"max_new_tokens": 100}))
+    assert len(engine._admit()) == admitted
+    assert len(engine.waiting) == 4 - admitted

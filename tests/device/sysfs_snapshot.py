@@ -4,7 +4,7 @@
 """Copy the sysfs attributes gpu_info reads for NVIDIA PCI devices into DEST, as a fake tree.
 
 Usage: sysfs_snapshot.py DEST [SYSFS_ROOT]. The driver symlink is kept as a one-line file
-``driver_name`` (the unit test turns it back into a link).
+``driver_name`` and PCI addresses are written with ``_`` for ``:`` (the unit test undoes both).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main():
                     continue
         except OSError:
             continue
-        target = os.path.join(dest, "bus", "pci", "devices", entry)
+        # ":" is kept out of file names in the repository; the tests put it back.
+        target = os.path.join(dest, "bus", "pci", "devices", entry.replace(":", "_"))
         os.makedirs(target, exist_ok=True)
         for attr in ATTRS:
             try:

@@ -353,18 +353,22 @@ def test_overload_latency_and_injected_failure(model):
 
 def test_sigterm_finishes_streams_in_flight_then_exits_0(model):
     eng = Engine(model, "--latency-ms", "30")
-    assert eng.port, eng.log
-    conn = http.client.HTTPConnection("127.0.0.1", eng.port, timeout=30)
-    conn.request("POST", "/generate_stream", body=json.dumps({"inputs": "bye", "parameters": {"max_new_tokens": 20}}),
-                 headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    first = response.read(6)
-    assert first == b"data: "
-    eng.proc.send_signal(signal.SIGTERM)
-    events = sse_events(first + response.read())
-    assert events[-1]["details"] is None and events[-1]["generated_text"] is not None
-    assert len(events) == 20
-    assert eng.proc.wait(30) == 0
+    try:
+        assert eng.port, eng.log
+        conn = http.client.HTTPConnection("127.0.0.1", eng.port, timeout=30)
+        conn.request("POST", "/generate_stream", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"inputs": "bye", "parameters": {"max_new_tokens": 20}}))
+        response = conn.getresponse()
+        first = response.read(6)
+        assert first == b"data: "
+        eng.proc.send_signal(signal.SIGTERM)
+        events = sse_events(first + response.read())
+        assert events[-1]["details"] is None and events[-1]["generated_text"] is not None
+        assert len(events) == 20
+        assert eng.proc.wait(30) == 0
+    finally:
+        if eng.proc.poll() is None:
+            eng.proc.kill()
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", eng.port, timeout=5).request("GET", "/health")
     assert "graceful shutdown" in eng.log
@@ -372,7 +376,11 @@ def test_sigterm_finishes_streams_in_flight_then_exits_0(model):
 
 def test_exit_after_seconds_is_a_crash(model):
     eng = Engine(model, "--exit-after-seconds", "0.3")
-    assert eng.proc.wait(30) == 1
+    try:
+        assert eng.proc.wait(30) == 1
+    finally:
+        if eng.proc.poll() is None:
+            eng.proc.kill()
     assert "--exit-after-seconds" in eng.log
 
 

@@ -1,0 +1,324 @@
+"""Verifier of molecule/nginx_tls: real openssl and curl clients against the front door.
+
+Clients run on the control node (the lab network's gateway: an address that is allow-listed for
+admins, auditors and guests but not for developers) and, through testinfra, inside the host (from
+127.0.0.1, which developers may use). Every HTTPS response any test receives is checked for HSTS.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+SCENARIO = Path(__file__).resolve().parents[1]
+FIXTURES = yaml.safe_load((SCENARIO / "vars" / "secrets.yml").read_text())
+KEYS = {item["name"]: item.get("key") for item in FIXTURES["nginx_tls_api_keys"]}
+KEYS["guest-hashed"] = FIXTURES["molecule_guest_hashed_key"]
+SECRETS = [value for value in KEYS.values() if value] + [
+    FIXTURES["nginx_tls_ca_passphrase"],
+    FIXTURES["nginx_tls_upstream_api_key"],
+]
+EPHEMERAL = Path(os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "/tmp/molecule-nginx_tls"))
+PKI = EPHEMERAL / "pki"
+CA = PKI / "ca.crt"
+HSTS = "max-age=63072000; includeSubDomains"
+HOST_CA = "/etc/llmfleet/tls/ca.crt"
+
+
+@pytest.fixture(scope="module")
+def door(instance):
+    """Name and address of the front door under test."""
+    return {"name": instance["instance"], "address": instance["address"]}
+
+
+def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, **kwargs)
+
+
+def parse_response(raw: str) -> tuple[int, dict[str, str], str]:
+    head, _, body = raw.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def https(door, path, key=None, cert=None, address=None):
+    """One HTTPS request from the control node, chain verified against the fleet CA."""
+    argv = ["curl", "-sS", "-i", "--max-time", "10", "--cacert", str(CA),
+            "--resolve", f"{door['name']}:443:{address or door['address']}"]
+    if key:
+        argv += ["-H", f"Authorization: Bearer {key}"]
+    if cert:
+        argv += ["--cert", str(PKI / "clients" / f"{cert}.crt"), "--key", str(PKI / "clients" / f"{cert}.key")]
+    result = run(argv + [f"https://{door['name']}{path}"])
+    assert result.returncode == 0, result.stderr
+    status, headers, body = parse_response(result.stdout)
+    assert headers.get("strict-transport-security") == HSTS, (path, status, headers)
+    return status, headers, body
+
+
+def https_in_host(host, door, path, key, via="127.0.0.1"):
+    """One HTTPS request made inside the host, from `via` (the source address follows it)."""
+    result = host.run(
+        "curl -sS -o /dev/null -w '%%{http_code}' --max-time 10 --cacert %s --resolve %s:443:%s "
+        "-H 'Authorization: Bearer %s' https://%s%s",
+        HOST_CA, door["name"], via, key, door["name"], path,
+    )
+    assert result.rc == 0, result.stderr
+    return int(result.stdout)
+
+
+def handshake(door, *options):
+    argv = ["openssl", "s_client", "-connect", f"{door['address']}:443", "-servername", door["name"],
+            "-CAfile", str(CA), "-verify_hostname", door["name"], "-verify_return_error", *options]
+    return run(argv, input="")
+
+
+def playbook(name, *extra):
+    """Run a playbook of this scenario against molecule's inventory, outside converge's log."""
+    env = {k: v for k, v in os.environ.items() if k != "ANSIBLE_LOG_PATH"}
+    argv = [shutil.which("ansible-playbook") or "ansible-playbook",
+            "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO / name), *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, env=env)
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+def test_tls12_is_refused(door):
+    result = handshake(door, "-tls1_2")
+    assert result.returncode != 0
+    assert "alert protocol version" in result.stderr
+
+
+def test_tls13_chain_valid_for_the_host_name(door):
+    result = handshake(door, "-tls1_3")
+    assert result.returncode == 0, result.stderr
+    assert "Verify return code: 0 (ok)" in result.stdout
+    assert "TLSv1.3" in result.stdout
+
+
+def test_a_wrong_host_name_does_not_verify(door):
+    result = run(["openssl", "s_client", "-connect", f"{door['address']}:443", "-CAfile", str(CA),
+                  "-verify_hostname", "not-" + door["name"], "-verify_return_error"], input="")
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize("group", ["X25519", "prime256v1", "secp384r1"])
+def test_ecdhe_groups_are_offered(door, group):
+    result = handshake(door, "-tls1_3", "-groups", group)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("group", ["ffdhe2048", "ffdhe4096"])
+def test_finite_field_groups_are_not(door, group):
+    result = handshake(door, "-tls1_3", "-groups", group)
+    assert result.returncode != 0
+    assert "handshake failure" in result.stderr
+
+
+def test_http_redirects_to_https(door):
+    result = run(["curl", "-sS", "-i", "--max-time", "10", f"http://{door['address']}/generate?x=1"])
+    status, headers, _ = parse_response(result.stdout)
+    assert status == 301
+    assert headers["location"] == f"https://{door['name']}/generate?x=1"
+
+
+def test_server_tokens_off(door):
+    _, headers, _ = https(door, "/generate")
+    assert headers["server"] == "nginx"
+
+
+# --- access matrix ------------------------------------------------------------------------------
+
+def test_no_key_is_401_with_a_bearer_challenge(door):
+    status, headers, _ = https(door, "/generate")
+    assert status == 401
+    assert headers["www-authenticate"].startswith("Bearer")
+
+
+def test_wrong_key_is_401(door):
+    assert https(door, "/generate", key="mol-not-a-key-00000000000000000000000000")[0] == 401
+    assert https(door, "/generate", key=KEYS["guest"] + "x")[0] == 401
+
+
+def test_guest_can_generate(door):
+    time.sleep(1)
+    status, _, body = https(door, "/generate", key=KEYS["guest"])
+    assert status == 200
+    assert "generate" in body
+
+
+def test_guest_given_by_hash_can_generate(door):
+    assert https(door, "/v1/chat/completions", key=KEYS["guest-hashed"])[0] == 200
+
+
+def test_guest_burst_beyond_the_limit_is_429(door):
+    time.sleep(1)
+    burst = 25
+    argv = ["curl", "-s", "--max-time", "20", "--cacert", str(CA), "--resolve",
+            f"{door['name']}:443:{door['address']}", "-H", f"Authorization: Bearer {KEYS['guest']}",
+            "-w", "%{http_code}\n"]
+    for _ in range(burst):
+        argv += ["-o", "/dev/null", f"https://{door['name']}/generate"]
+    codes = run(argv).stdout.split()
+    assert len(codes) == burst
+    assert codes[0] == "200"
+    assert set(codes) == {"200", "429"}
+    assert codes.count("429") >= burst - 15
+    status, _, body = https(door, "/generate", key=KEYS["guest"])
+    assert status == 429
+    assert "rate limit" in body
+    # Another key has its own bucket.
+    assert https(door, "/generate", key=KEYS["guest-hashed"])[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/info", "/health"])
+def test_guest_sees_no_monitoring(door, path):
+    assert https(door, path, key=KEYS["guest"])[0] == 403
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/info", "/health"])
+def test_monitoring_is_not_public(door, path):
+    assert https(door, path)[0] == 401
+
+
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/v1/chat/completions"])
+def test_auditor_cannot_generate(door, path):
+    assert https(door, path, key=KEYS["audit"])[0] == 403
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/info", "/health"])
+def test_auditor_reads_monitoring(door, path):
+    assert https(door, path, key=KEYS["audit"])[0] == 200
+
+
+def test_developer_from_a_non_allow_listed_address_is_403(door):
+    assert https(door, "/generate", key=KEYS["dev"])[0] == 403
+    assert https(door, "/metrics", key=KEYS["dev"])[0] == 403
+
+
+def test_developer_from_the_allow_list_generates_and_reads_metrics(host, door):
+    assert https_in_host(host, door, "/generate", KEYS["dev"]) == 200
+    assert https_in_host(host, door, "/metrics", KEYS["dev"]) == 200
+    # The same host through its lab address is not on the developer allow-list.
+    assert https_in_host(host, door, "/generate", KEYS["dev"], via=door["address"]) == 403
+
+
+def test_admin_without_client_certificate_is_refused(door):
+    assert https(door, "/info", key=KEYS["ops-admin"])[0] == 403
+    assert https(door, "/generate", key=KEYS["ops-admin"])[0] == 403
+
+
+def test_admin_with_another_admins_certificate_is_refused(door):
+    assert https(door, "/info", key=KEYS["ops-admin"], cert="backup-admin")[0] == 403
+
+
+def test_a_client_certificate_alone_is_not_a_key(door):
+    assert https(door, "/info", cert="ops-admin")[0] == 401
+
+
+def test_admin_with_its_certificate_reaches_everything(door):
+    for path in ["/info", "/metrics", "/health", "/generate"]:
+        assert https(door, path, key=KEYS["ops-admin"], cert="ops-admin")[0] == 200, path
+    # Paths outside the matrix are proxied for admins only (the engine answers 404 here).
+    assert https(door, "/no-such-path", key=KEYS["ops-admin"], cert="ops-admin")[0] == 404
+    assert https(door, "/no-such-path", key=KEYS["dev"])[0] == 403
+
+
+# --- drain switch -------------------------------------------------------------------------------
+
+def test_drain_then_undrain(door):
+    drained = playbook("frontdoor_switch.yml", "-e", "frontdoor_switch=drain")
+    assert drained.returncode == 0, drained.stdout[-3000:]
+    status, _, body = https(door, "/health", key=KEYS["audit"])
+    assert (status, body.strip()) == (503, "draining")
+    # Requests keep being served while the load balancer moves away.
+    assert https(door, "/v1/chat/completions", key=KEYS["guest-hashed"])[0] == 200
+
+    undrained = playbook("frontdoor_switch.yml", "-e", "frontdoor_switch=undrain")
+    assert undrained.returncode == 0, undrained.stdout[-3000:]
+    assert https(door, "/health", key=KEYS["audit"])[0] == 200
+
+
+# --- configuration safety -----------------------------------------------------------------------
+
+def test_check_mode_after_converge_changes_nothing_and_diff_shows_no_secret(host):
+    # `host` keeps this test in testinfra's per-host group, in file order: before the broken
+    # template below, which leaves its refused candidate behind (a converge would re-render it).
+    result = playbook("converge.yml", "--check", "--diff")
+    assert result.returncode == 0, result.stdout[-3000:]
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    changed = [line for line in output.splitlines() if line.startswith("changed:")]
+    assert re.search(r"changed=0\s", output[output.rindex("PLAY RECAP"):]), changed
+    for secret in SECRETS:
+        assert secret not in result.stdout
+
+
+
+def test_a_broken_template_never_replaces_the_working_config(host, door):
+    before = host.file("/etc/nginx/nginx.conf").sha256sum
+    result = playbook("converge.yml", "-e", f"nginx_tls_nginx_conf_template={SCENARIO / 'broken-nginx.conf.j2'}")
+    assert result.returncode != 0
+    assert "Test the candidate configuration" in result.stdout
+    assert host.file("/etc/nginx/nginx.conf").sha256sum == before
+    assert host.service("nginx").is_running
+    assert https(door, "/generate")[0] == 401
+
+
+def test_nginx_is_enabled_and_its_config_tests_clean(host):
+    assert host.service("nginx").is_enabled
+    assert host.run("nginx -t").rc == 0
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,mode", [
+    ("/etc/llmfleet/tls/frontdoor.key", 0o600),
+    ("/etc/nginx/llmfleet/keys.map", 0o600),
+    ("/etc/nginx/llmfleet/upstream-auth.conf", 0o600),
+    ("/etc/nginx/llmfleet-candidate/llmfleet/keys.map", 0o600),
+    ("/etc/nginx/llmfleet-candidate/llmfleet/upstream-auth.conf", 0o600),
+    ("/etc/llmfleet/tls", 0o700),
+    ("/etc/nginx/llmfleet-candidate", 0o700),
+])
+def test_secret_files_are_root_only(host, path, mode):
+    target = host.file(path)
+    assert target.exists
+    assert target.user == "root"
+    assert target.mode == mode
+
+
+@pytest.mark.parametrize("name", ["ca.key", "clients/ops-admin.key", "clients/backup-admin.key"])
+def test_control_node_keys_are_0600(name):
+    assert (PKI / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_keys_are_stored_hashed_only(host):
+    for name, key in KEYS.items():
+        if key:
+            assert host.run("grep -rqF -- %s /etc /var/log /var/lib/nginx /var/lib/llmfleet-frontdoor", key).rc == 1, name
+
+
+def test_no_secret_in_play_output_journal_or_nginx_logs(host):
+    log = EPHEMERAL / "ansible.log"
+    assert log.exists() and "nginx_tls" in log.read_text(), "converge output was not logged"
+    text = log.read_text()
+    journal = host.run("journalctl --no-pager -o cat")
+    assert journal.rc == 0 and journal.stdout
+    nginx_logs = host.run("cat /var/log/nginx/access.log /var/log/nginx/error.log").stdout
+    assert "key=guest role=guest" in nginx_logs
+    for secret in SECRETS:
+        assert secret not in text, "play output"
+        assert secret not in journal.stdout, "journal"
+        assert secret not in nginx_logs, "nginx logs"

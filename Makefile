@@ -19,10 +19,12 @@ export CONTAINERS_STORAGE_CONF := $(CURDIR)/lab/podman/storage.conf
 # Debian packages the control node needs: rootful podman for the lab (runc, not crun: see
 # lab/README.md), debootstrap for the base image, ssh client, rsync for the sanity tree.
 APT_PACKAGES := podman runc netavark aardvark-dns fuse-overlayfs slirp4netns uidmap catatonit \
-	iptables debootstrap openssh-client rsync git make python3-venv ca-certificates curl
+	iptables debootstrap openssh-client rsync git make python3-venv ca-certificates curl \
+	shellcheck
 
 STAMPS := .cache/stamps
 REQ_HASH := $(shell cat requirements/*.txt | sha256sum | cut -c1-16)
+APT_HASH := $(shell echo $(APT_PACKAGES) | sha256sum | cut -c1-16)
 
 .PHONY: help
 help:
@@ -31,7 +33,7 @@ help:
 	@echo "make deps   - only install (apt packages, venv, bundled collections)"
 	@echo "make lab-up / lab-down / lab-status"
 
-$(STAMPS)/apt:
+$(STAMPS)/apt-$(APT_HASH):
 	@mkdir -p $(STAMPS)
 	if ! dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | grep -v -q '^install ok installed$$' \
 	   && [ "$$(dpkg-query -W -f='$${Status}\n' $(APT_PACKAGES) 2>/dev/null | wc -l)" -eq "$(words $(APT_PACKAGES))" ]; then
@@ -40,6 +42,7 @@ $(STAMPS)/apt:
 	  apt-get update -qq
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES)
 	fi
+	rm -f $(STAMPS)/apt-*
 	touch $@
 
 $(STAMPS)/venv-$(REQ_HASH):
@@ -55,7 +58,7 @@ $(STAMPS)/venv-$(REQ_HASH):
 	ln -sfn ../../.. $@
 
 .PHONY: deps
-deps: $(STAMPS)/apt $(STAMPS)/venv-$(REQ_HASH) .collections/ansible_collections/llmfleet/serving
+deps: $(STAMPS)/apt-$(APT_HASH) $(STAMPS)/venv-$(REQ_HASH) .collections/ansible_collections/llmfleet/serving
 	ansible-galaxy collection install -r requirements.yml 2>&1 | tail -n 2
 
 .PHONY: lab-image lab-up lab-down lab-status

@@ -17,7 +17,7 @@ cap=$OUT/$label
 mkdir -p "$cap"
 python3 --version; python3 -c 'import pynvml, jinja2, yaml; print("pynvml", pynvml.__file__)'
 nvidia-smi -L | sed -E 's/UUID: [^)]*/UUID: .../'
-step() { local name=$1; shift; local t0=$(date +%s.%N); "$@"; local rc=$?; echo "step $name rc=$rc $(echo "$(date +%s.%N) - $t0" | bc 2>/dev/null || true)s"; }
+step() { local name=$1 t0; shift; t0=$(date +%s.%N); "$@"; local rc=$?; echo "step $name rc=$rc $(echo "$(date +%s.%N) - $t0" | bc 2>/dev/null || true)s"; }
 step xml  sh -c "nvidia-smi -q -x > $cap/nvidia-smi-q-x.xml"
 step q    sh -c "nvidia-smi -q > $cap/nvidia-smi-q.txt"
 step csv  sh -c "nvidia-smi \$(python3 -c 'from ansible_collections.llmfleet.serving.plugins.module_utils._gpu import query_gpu_args as a; print(\" \".join(a()))') > $cap/query-gpu.csv 2>&1"

@@ -322,3 +322,31 @@ def test_no_secret_in_play_output_journal_or_nginx_logs(host):
         assert secret not in text, "play output"
         assert secret not in journal.stdout, "journal"
         assert secret not in nginx_logs, "nginx logs"
+
+
+# --- ACME (last: it replaces the fleet-CA certificate) -----------------------------------------
+
+ACME = ["-e", "nginx_tls_certificate_source=acme",
+        "-e", "nginx_tls_acme_directory=https://{{ ansible_host }}:14000/dir",
+        "-e", "nginx_tls_acme_email=ops@example.org", "-e", "nginx_tls_acme_terms_agreed=true",
+        "-e", "nginx_tls_acme_validate_certs=false"]
+
+
+def test_acme_certificate_through_http01_then_nothing_changes(host, door):
+    """pebble (prepare.yml) validates HTTP-01 for real through the front door's port 80."""
+    first = playbook("converge.yml", *ACME)
+    assert first.returncode == 0, first.stdout[-3000:]
+    served = run(["openssl", "s_client", "-connect", f"{door['address']}:443", "-servername", door["name"],
+                  "-showcerts"], input="")
+    issuer = run(["openssl", "x509", "-noout", "-issuer"], input=served.stdout).stdout
+    assert "Pebble Intermediate CA" in issuer
+    assert "TLSv1.3" in served.stdout
+    assert not host.file("/var/lib/llmfleet-frontdoor/acme/.well-known/acme-challenge").listdir()
+    assert (PKI / "acme" / "account.key").stat().st_mode & 0o777 == 0o600
+
+    second = playbook("converge.yml", *ACME)
+    assert second.returncode == 0, second.stdout[-3000:]
+    recap = re.sub(r"\x1b\[[0-9;]*m", "", second.stdout)
+    assert re.search(r"changed=0\s", recap[recap.rindex("PLAY RECAP"):])
+    for secret in SECRETS:
+        assert secret not in first.stdout + second.stdout

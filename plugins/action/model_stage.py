@@ -26,13 +26,21 @@ MODULE = "llmfleet.serving.model_stage"
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = True
+    # async for the mirror, peer, target-directory and Hub sources (the module does all the work);
+    # a control-node directory is transferred by this plugin and runs in place.
+    _supports_async = True
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         args = dict(self._task.args)
         if not args.get("src") or boolean(args.get("remote_src", False), strict=False):
-            result.update(self._execute_module(module_name=MODULE, module_args=args, task_vars=task_vars))
+            wrap_async = self._task.async_val and not self._connection.has_native_async
+            result.update(self._execute_module(module_name=MODULE, module_args=args, task_vars=task_vars,
+                                               wrap_async=wrap_async))
             return result
+        if self._task.async_val:
+            raise AnsibleActionFail("async is not supported with src on the control node: the files are "
+                                    "transferred by the task itself")
 
         try:
             src = self._find_needle("files", args["src"])

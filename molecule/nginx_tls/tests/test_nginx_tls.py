@@ -43,12 +43,12 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def parse_response(raw: str) -> tuple[int, dict[str, str], str]:
-    head, _, body = raw.replace("\r\n", "\n").partition("\n\n")
+    head, _blank, body = raw.replace("\r\n", "\n").partition("\n\n")
     lines = head.split("\n")
     status = int(lines[0].split()[1])
     headers = {}
     for line in lines[1:]:
-        name, _, value = line.partition(":")
+        name, _colon, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return status, headers, body
 
@@ -129,20 +129,20 @@ def test_finite_field_groups_are_not(door, group):
 
 def test_http_redirects_to_https(door):
     result = run(["curl", "-sS", "-i", "--max-time", "10", f"http://{door['address']}/generate?x=1"])
-    status, headers, _ = parse_response(result.stdout)
+    status, headers = parse_response(result.stdout)[:2]
     assert status == 301
     assert headers["location"] == f"https://{door['name']}/generate?x=1"
 
 
 def test_server_tokens_off(door):
-    _, headers, _ = https(door, "/generate")
+    headers = https(door, "/generate")[1]
     assert headers["server"] == "nginx"
 
 
 # --- access matrix ------------------------------------------------------------------------------
 
 def test_no_key_is_401_with_a_bearer_challenge(door):
-    status, headers, _ = https(door, "/generate")
+    status, headers = https(door, "/generate")[:2]
     assert status == 401
     assert headers["www-authenticate"].startswith("Bearer")
 
@@ -154,7 +154,7 @@ def test_wrong_key_is_401(door):
 
 def test_guest_can_generate(door):
     time.sleep(1)
-    status, _, body = https(door, "/generate", key=KEYS["guest"])
+    status, _headers, body = https(door, "/generate", key=KEYS["guest"])
     assert status == 200
     assert "generate" in body
 
@@ -169,14 +169,13 @@ def test_guest_burst_beyond_the_limit_is_429(door):
     argv = ["curl", "-s", "--max-time", "20", "--cacert", str(CA), "--resolve",
             f"{door['name']}:443:{door['address']}", "-H", f"Authorization: Bearer {KEYS['guest']}",
             "-w", "%{http_code}\n"]
-    for _ in range(burst):
-        argv += ["-o", "/dev/null", f"https://{door['name']}/generate"]
+    argv += ["-o", "/dev/null", f"https://{door['name']}/generate"] * burst
     codes = run(argv).stdout.split()
     assert len(codes) == burst
     assert codes[0] == "200"
     assert set(codes) == {"200", "429"}
     assert codes.count("429") >= burst - 15
-    status, _, body = https(door, "/generate", key=KEYS["guest"])
+    status, _headers, body = https(door, "/generate", key=KEYS["guest"])
     assert status == 429
     assert "rate limit" in body
     # Another key has its own bucket.
@@ -241,7 +240,7 @@ def test_admin_with_its_certificate_reaches_everything(door):
 def test_drain_then_undrain(door):
     drained = playbook("frontdoor_switch.yml", "-e", "frontdoor_switch=drain")
     assert drained.returncode == 0, drained.stdout[-3000:]
-    status, _, body = https(door, "/health", key=KEYS["audit"])
+    status, _headers, body = https(door, "/health", key=KEYS["audit"])
     assert (status, body.strip()) == (503, "draining")
     # Requests keep being served while the load balancer moves away.
     assert https(door, "/v1/chat/completions", key=KEYS["guest-hashed"])[0] == 200
@@ -254,8 +253,11 @@ def test_drain_then_undrain(door):
 # --- configuration safety -----------------------------------------------------------------------
 
 def test_check_mode_after_converge_changes_nothing_and_diff_shows_no_secret(host):
-    # `host` keeps this test in testinfra's per-host group, in file order: before the broken
-    # template below, which leaves its refused candidate behind (a converge would re-render it).
+    # Runs before the broken template below (file order within the host's tests), which leaves its
+    # refused candidate behind until the next converge re-renders it.
+    for name in ["nginx.conf", "llmfleet/bearer.js", "llmfleet/keys.map", "llmfleet/upstream-auth.conf"]:
+        live = host.file(f"/etc/nginx/{name}").sha256sum
+        assert host.file(f"/etc/nginx/llmfleet-candidate/{name}").sha256sum == live, name
     result = playbook("converge.yml", "--check", "--diff")
     assert result.returncode == 0, result.stdout[-3000:]
     output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
@@ -263,7 +265,6 @@ def test_check_mode_after_converge_changes_nothing_and_diff_shows_no_secret(host
     assert re.search(r"changed=0\s", output[output.rindex("PLAY RECAP"):]), changed
     for secret in SECRETS:
         assert secret not in result.stdout
-
 
 
 def test_a_broken_template_never_replaces_the_working_config(host, door):
@@ -324,7 +325,59 @@ def test_no_secret_in_play_output_journal_or_nginx_logs(host):
         assert secret not in nginx_logs, "nginx logs"
 
 
-# --- ACME (last: it replaces the fleet-CA certificate) -----------------------------------------
+# --- provided certificates (after the fleet-CA tests: it replaces the served certificate) --------
+
+def served_certificate(door, *options):
+    served = run(["openssl", "s_client", "-connect", f"{door['address']}:443", "-servername", door["name"],
+                  "-showcerts", *options], input="")
+    return served, run(["openssl", "x509", "-noout", "-issuer", "-fingerprint"], input=served.stdout).stdout
+
+
+def make_provided_pki(tmp: Path, name: str) -> None:
+    """A root, an intermediate and a leaf for `name`, plus a key that belongs to nothing."""
+    def sh(*argv):
+        result = run(list(argv), cwd=tmp)
+        assert result.returncode == 0, result.stderr
+
+    for key in ["root", "inter", "leaf", "stray"]:
+        sh("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{key}.key")
+    sh("openssl", "req", "-x509", "-new", "-key", "root.key", "-subj", "/CN=Provided Test Root", "-days", "30",
+       "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+       "-out", "root.crt")
+    (tmp / "inter.ext").write_text("basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n")
+    sh("openssl", "req", "-new", "-key", "inter.key", "-subj", "/CN=Provided Test Intermediate", "-out", "inter.csr")
+    sh("openssl", "x509", "-req", "-in", "inter.csr", "-CA", "root.crt", "-CAkey", "root.key", "-CAcreateserial",
+       "-days", "30", "-extfile", "inter.ext", "-out", "inter.crt")
+    (tmp / "leaf.ext").write_text(f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\n")
+    sh("openssl", "req", "-new", "-key", "leaf.key", "-subj", f"/CN={name}", "-out", "leaf.csr")
+    sh("openssl", "x509", "-req", "-in", "leaf.csr", "-CA", "inter.crt", "-CAkey", "inter.key", "-CAcreateserial",
+       "-days", "30", "-extfile", "leaf.ext", "-out", "leaf.crt")
+
+
+def test_provided_certificate_with_its_chain_and_a_mismatched_key_refused(host, door, tmp_path):
+    make_provided_pki(tmp_path, door["name"])
+    provided = ["-e", "nginx_tls_certificate_source=provided",
+                "-e", f"nginx_tls_certificate_src={tmp_path / 'leaf.crt'}",
+                "-e", f"nginx_tls_certificate_chain_src={tmp_path / 'inter.crt'}"]
+    before = served_certificate(door)[1]
+
+    refused = playbook("converge.yml", *provided, "-e", f"nginx_tls_certificate_key_src={tmp_path / 'stray.key'}")
+    assert refused.returncode != 0
+    assert "was not issued for the key" in refused.stdout
+    assert served_certificate(door)[1] == before
+
+    accepted = playbook("converge.yml", *provided, "-e", f"nginx_tls_certificate_key_src={tmp_path / 'leaf.key'}")
+    assert accepted.returncode == 0, accepted.stdout[-3000:]
+    served, issuer = served_certificate(door, "-CAfile", str(tmp_path / "root.crt"), "-verify_hostname", door["name"],
+                                        "-verify_return_error")
+    assert served.returncode == 0, served.stderr
+    assert "Provided Test Intermediate" in issuer
+    assert host.file("/etc/llmfleet/tls/frontdoor.key").mode == 0o600
+    key_pem = (tmp_path / "leaf.key").read_text().splitlines()[1]
+    assert key_pem not in refused.stdout + accepted.stdout
+
+
+# --- ACME (last: it replaces the served certificate again) ------------------------------------- -----------------------------------------
 
 ACME = ["-e", "nginx_tls_certificate_source=acme",
         "-e", "nginx_tls_acme_directory=https://{{ ansible_host }}:14000/dir",

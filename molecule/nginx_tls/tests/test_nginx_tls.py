@@ -250,6 +250,29 @@ def test_drain_then_undrain(door):
     assert https(door, "/health", key=KEYS["audit"])[0] == 200
 
 
+def test_drain_waits_for_requests_in_flight_within_its_bound(door, tmp_path):
+    body = tmp_path / "body"
+    body.write_bytes(b"x" * 200_000)
+    # An upload at 2 KiB/s keeps one request in flight for longer than the test needs.
+    with subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--limit-rate", "2k", "--max-time", "90",
+                           "--cacert", str(CA), "--resolve", f"{door['name']}:443:{door['address']}",
+                           "-H", f"Authorization: Bearer {KEYS['guest-hashed']}", "--data-binary", f"@{body}",
+                           f"https://{door['name']}/generate"]) as slow:
+        try:
+            time.sleep(2)
+            busy = playbook("frontdoor_switch.yml", "-e", "frontdoor_switch=drain", "-e", "nginx_tls_drain_wait_s=4")
+            assert busy.returncode != 0
+            assert "Wait until no request is in flight" in busy.stdout
+        finally:
+            slow.kill()
+    idle = playbook("frontdoor_switch.yml", "-e", "frontdoor_switch=drain", "-e", "nginx_tls_drain_wait_s=20")
+    assert idle.returncode == 0, idle.stdout[-3000:]
+    assert https(door, "/health", key=KEYS["audit"])[0] == 503
+    undrained = playbook("frontdoor_switch.yml", "-e", "frontdoor_switch=undrain")
+    assert undrained.returncode == 0, undrained.stdout[-3000:]
+    assert https(door, "/health", key=KEYS["audit"])[0] == 200
+
+
 # --- configuration safety -----------------------------------------------------------------------
 
 def test_check_mode_after_converge_changes_nothing_and_diff_shows_no_secret(host):

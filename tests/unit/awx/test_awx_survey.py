@@ -142,3 +142,30 @@ def test_skipped_options_are_listed_with_the_reason():
 def test_survey_definition_errors(questions, message):
     with pytest.raises(awx_survey.SurveyError, match=message):
         awx_survey.build(REPO, {"surveys": {"s": {"questions": questions}}})
+
+
+def _committed_questions():
+    surveys = os.path.join(REPO, "awx", "surveys")
+    for name in sorted(os.listdir(surveys)):
+        if name.endswith(".json"):
+            with open(os.path.join(surveys, name), encoding="utf-8") as handle:
+                for entry in json.load(handle)["spec"]:
+                    yield pytest.param(entry, id="%s:%s" % (name[:-len(".json")], entry["variable"]))
+
+
+@pytest.mark.parametrize("entry", _committed_questions())
+def test_committed_questions_are_valid_for_awx(entry):
+    """What AWX's survey validation checks when a job template is saved."""
+    assert entry["type"] in {"text", "textarea", "password", "integer", "float", "multiplechoice", "multiselect"}
+    assert entry["variable"].isidentifier() and isinstance(entry["required"], bool)
+    assert entry["question_name"] and entry["question_description"]
+    if "choices" in entry:
+        assert entry["choices"] and len(set(entry["choices"])) == len(entry["choices"])
+        defaults = entry.get("default", "").split("\n") if entry["type"] == "multiselect" else [entry.get("default")]
+        assert all(d in entry["choices"] for d in defaults if d not in (None, "")), defaults
+    if entry["type"] in ("text", "password") and "default" in entry:
+        assert entry["min"] <= len(entry["default"]) <= entry["max"]
+    if entry["type"] == "integer" and "default" in entry:
+        assert isinstance(entry["default"], int) and not isinstance(entry["default"], bool)
+    if entry["type"] == "float" and "default" in entry:
+        assert isinstance(entry["default"], (int, float))

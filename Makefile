@@ -78,7 +78,7 @@ demo: deps
 	ansible-playbook -i inventories/lab/hosts.yml playbooks/preflight.yml
 
 # ---- tests ---------------------------------------------------------------------------------
-.PHONY: test unit lint sanity build molecule
+.PHONY: test unit lint sanity build molecule integration
 test: deps
 	rm -f tests/output/steps.tsv
 	$(STEP) unit $(MAKE) --no-print-directory unit
@@ -86,6 +86,7 @@ test: deps
 	$(STEP) build $(MAKE) --no-print-directory build
 	$(STEP) sanity $(MAKE) --no-print-directory sanity
 	$(STEP) molecule $(MAKE) --no-print-directory molecule
+	$(STEP) integration $(PY) -m pytest -q tests/integration
 	echo; echo "=== step durations"; column -t -s $$'\t' tests/output/steps.tsv
 
 unit:
@@ -102,6 +103,9 @@ build:
 
 sanity:
 	tests/bin/sanity
+
+integration:
+	$(PY) -m pytest -q tests/integration
 
 MOLECULE_SCENARIOS ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 molecule:

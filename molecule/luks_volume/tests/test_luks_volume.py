@@ -122,6 +122,8 @@ def test_refused_devices_were_not_touched(host):
     assert [sig["type"] for sig in json.loads(ext4.stdout)["signatures"]] == ["ext4"]
     assert not host.file("/etc/llmfleet/keys/refused-ext4.key").exists
     assert not host.file("/etc/llmfleet/keys/refused-tpm2.key").exists
+    assert not host.file("/etc/llmfleet/keys/refused-tang.key").exists
+    assert not host.package("clevis").is_installed, "refused before installing anything"
     assert not (EPHEMERAL / "escrow-refused").exists()
 
 

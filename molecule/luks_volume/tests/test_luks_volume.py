@@ -62,13 +62,24 @@ def opens_header(host, passphrase: str) -> bool:
     return result.rc == 0
 
 
-def test_device_is_luks2_with_three_key_slots(host, dump):
+def test_device_is_luks2_with_four_key_slots(host, dump):
     assert host.run("cryptsetup isLuks --type luks2 %s", DEVICE).rc == 0
-    # key file (slot 0), the extra passphrase, the escrowed recovery passphrase
-    assert sorted(dump["keyslots"]) == ["0", "1", "2"], dump["keyslots"]
+    # key file (slot 0), the extra passphrase, the escrowed recovery passphrase, Clevis
+    assert sorted(dump["keyslots"]) == ["0", "1", "2", "3"], dump["keyslots"]
     assert {slot["type"] for slot in dump["keyslots"].values()} == {"luks2"}
     assert host.run("cryptsetup luksDump %s", DEVICE).stdout.splitlines()[1].split() == ["Version:", "2"]
     assert dump["config"].get("flags", []) == [], "nothing is stored persistently in the header"
+
+
+def test_clevis_binds_both_tang_servers_with_threshold_two(host, dump):
+    assert [token["type"] for token in dump["tokens"].values()] == ["clevis"]
+    listing = host.run("clevis luks list -d %s", DEVICE)
+    assert listing.rc == 0, listing.stderr
+    slot, pin, config = listing.stdout.strip().split(" ", 2)
+    assert pin == "sss"
+    assert json.loads(config.strip("'")) == {
+        "t": 2, "pins": {"tang": [{"url": "http://127.0.0.1"}, {"url": "http://localhost"}]}}
+    assert slot.rstrip(":") in dump["keyslots"]
 
 
 def test_key_file_opens_the_header(host):
@@ -123,7 +134,6 @@ def test_refused_devices_were_not_touched(host):
     assert not host.file("/etc/llmfleet/keys/refused-ext4.key").exists
     assert not host.file("/etc/llmfleet/keys/refused-tpm2.key").exists
     assert not host.file("/etc/llmfleet/keys/refused-tang.key").exists
-    assert not host.package("clevis").is_installed, "refused before installing anything"
     assert not (EPHEMERAL / "escrow-refused").exists()
 
 

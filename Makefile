@@ -17,10 +17,11 @@ export CONTAINERS_CONF := $(CURDIR)/lab/podman/containers.conf
 export CONTAINERS_STORAGE_CONF := $(CURDIR)/lab/podman/storage.conf
 
 # Debian packages the control node needs: rootful podman for the lab (runc, not crun: see
-# lab/README.md), debootstrap for the base image, ssh client, rsync for the sanity tree.
+# lab/README.md), debootstrap for the base image, ssh client, rsync for the sanity tree, shellcheck
+# for ansible-test sanity, prometheus for promtool (rule tests; policy-rc.d keeps it stopped).
 APT_PACKAGES := podman runc netavark aardvark-dns fuse-overlayfs slirp4netns uidmap catatonit \
 	iptables debootstrap openssh-client rsync git make python3-venv ca-certificates curl \
-	shellcheck
+	shellcheck prometheus
 
 STAMPS := .cache/stamps
 REQ_HASH := $(shell cat requirements/*.txt | sha256sum | cut -c1-16)
@@ -83,6 +84,7 @@ test: deps
 	rm -f tests/output/steps.tsv
 	$(STEP) unit $(MAKE) --no-print-directory unit
 	$(STEP) lint $(MAKE) --no-print-directory lint
+	$(STEP) promtool tests/bin/promtool-test
 	$(STEP) build $(MAKE) --no-print-directory build
 	$(STEP) sanity $(MAKE) --no-print-directory sanity
 	$(STEP) molecule $(MAKE) --no-print-directory molecule

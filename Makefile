@@ -68,6 +68,7 @@ lab-image: deps
 lab-up: deps
 	$(LAB) up --hosts $${LAB_HOSTS:-3}
 lab-down:
+	[ ! -f lab/state/demo/mirror.pid ] || $(PY) lab/mirror.py stop --pidfile lab/state/demo/mirror.pid
 	$(LAB) down
 lab-status:
 	$(LAB) status
@@ -76,7 +77,10 @@ lab-status:
 demo: deps
 	$(LAB) image
 	$(LAB) up --hosts $${LAB_HOSTS:-3}
-	ansible-playbook -i inventories/lab/hosts.yml playbooks/preflight.yml
+	release=$$($(PY) lab/model/make_model.py --root lab/state/demo/mirror)
+	field() { $(PY) -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$$release" "$$1"; }
+	ansible-playbook -i inventories/lab/hosts.yml lab/demo.yml \
+	  -e llmfleet_model_name="$$(field name)" -e llmfleet_model_revision="$$(field revision)"
 
 # ---- tests ---------------------------------------------------------------------------------
 .PHONY: test unit lint sanity build molecule integration

@@ -123,18 +123,8 @@ def na(value):
     return value
 
 
-def to_int(value):
-    """Leading integer of ``143771 MiB``, ``16x``, ``29 C``; None for N/A."""
-    value = na(value)
-    if value is None:
-        return None
-    match = _NUMBER.match(value)
-    if not match:
-        raise ValueError("expected a number, got %r" % value)
-    return int(float(match.group(1)))
-
-
 def to_float(value):
+    """Leading number of ``143771 MiB``, ``16x``, ``29 C``, ``75.5 W``; None for N/A."""
     value = na(value)
     if value is None:
         return None
@@ -142,6 +132,12 @@ def to_float(value):
     if not match:
         raise ValueError("expected a number, got %r" % value)
     return float(match.group(1))
+
+
+def to_int(value):
+    """Leading number as an integer (``16.0`` -> 16); None for N/A."""
+    number = to_float(value)
+    return None if number is None else int(number)
 
 
 def to_mode(value):

@@ -7,7 +7,6 @@ made by lab/model/make_model.py.
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import re
 import shutil
@@ -19,22 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+from labscripts import REPO, load_script
 
 pytest.importorskip("numpy", reason="the reference engine needs numpy (requirements/test.txt)")
 
-REPO = Path(__file__).resolve().parents[3]
 ENGINE = REPO / "lab" / "engine" / "llmfleet_ref_engine.py"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mm = _load("lab_make_model", REPO / "lab" / "model" / "make_model.py")
+mm = load_script("lab_make_model", REPO / "lab" / "model" / "make_model.py")
 
 
 class Engine:
@@ -403,7 +394,7 @@ def test_launcher_arguments_are_checked_like_tgi(model):
     (["--max-batch-prefill-tokens", "300", "--max-input-tokens", "200", "--max-total-tokens", "256"], 1),
 ])
 def test_the_batch_honours_tgi_budgets(model, args, admitted):
-    ref = _load("lab_ref_engine", ENGINE)
+    ref = load_script("lab_ref_engine", ENGINE)
     engine = ref.Engine(ref.parse_args(["--model-id", str(model), *args], {}), ref.Log())
     for _request in range(4):
         engine.waiting.append(engine.validate("x" * 150, {"max_new_tokens": 100}))

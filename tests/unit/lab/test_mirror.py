@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,20 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from labscripts import REPO, load_script
 
-REPO = Path(__file__).resolve().parents[3]
 MIRROR = REPO / "lab" / "mirror.py"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mirror = _load("lab_mirror", MIRROR)
+mirror = load_script("lab_mirror", MIRROR)
 PAYLOAD = bytes(range(256)) * 1000  # 256,000 bytes
 REL = "tiny/0123456789abcdef0123456789abcdef01234567/model-00001-of-00001.safetensors"
 

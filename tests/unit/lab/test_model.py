@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import struct
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from labscripts import REPO, load_script
 
 
-mm = _load("lab_make_model", REPO / "lab" / "model" / "make_model.py")
+mm = load_script("lab_make_model", REPO / "lab" / "model" / "make_model.py")
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,12 @@ export CONTAINERS_STORAGE_CONF := $(CURDIR)/lab/podman/storage.conf
 
 # Debian packages the control node needs: rootful podman for the lab (runc, not crun: see
 # lab/README.md), debootstrap for the base image, ssh client, rsync for the sanity tree, shellcheck
-# for ansible-test sanity, prometheus for promtool (rule tests; policy-rc.d keeps it stopped).
+# for ansible-test sanity, prometheus for promtool (rule tests; policy-rc.d keeps it stopped),
+# aria2/opentracker/mktorrent for the weight fan-out (tracker on the control node, P3 bench),
+# qemu (TCG, no KVM here) and e2fsprogs for the storage VM scenario (LUKS open, ZFS, reboots).
 APT_PACKAGES := podman runc netavark aardvark-dns fuse-overlayfs slirp4netns uidmap catatonit \
 	iptables debootstrap openssh-client rsync git make python3-venv ca-certificates curl \
-	shellcheck prometheus
+	shellcheck prometheus aria2 opentracker mktorrent qemu-system-x86 qemu-utils e2fsprogs
 
 STAMPS := .cache/stamps
 REQ_HASH := $(shell cat requirements/*.txt | sha256sum | cut -c1-16)

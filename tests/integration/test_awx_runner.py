@@ -8,64 +8,15 @@ tests build the same layout, with the survey answers of awx/surveys/, and assert
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import sys
-
-import ansible_runner
 import pytest
-import yaml
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
-
-
-def survey_answers(survey, **answers):
-    """Extra vars AWX sends for a survey: each question's default unless answered."""
-    with open(os.path.join(REPO, "awx", "surveys", survey + ".json"), encoding="utf-8") as handle:
-        spec = json.load(handle)["spec"]
-    extra = {q["variable"]: q["default"] for q in spec if "default" in q}
-    unknown = set(answers) - {q["variable"] for q in spec}
-    assert not unknown, "not questions of survey %s: %s" % (survey, sorted(unknown))
-    extra.update(answers)
-    return extra
-
-
-def private_data_dir(tmp_path, inventory, extravars):
-    pdd = tmp_path / "job"
-    (pdd / "inventory").mkdir(parents=True)
-    (pdd / "env").mkdir()
-    # AWX copies the project; the checkout here is the project, with its ansible.cfg.
-    os.symlink(REPO, pdd / "project")
-    shutil.copy(inventory, pdd / "inventory" / "hosts.yml")
-    with open(pdd / "env" / "extravars", "w", encoding="utf-8") as handle:
-        yaml.safe_dump(extravars, handle)
-    with open(pdd / "env" / "envvars", "w", encoding="utf-8") as handle:
-        # The EE's ansible-playbook is on its PATH; here it is the venv's.
-        yaml.safe_dump({"ANSIBLE_CONFIG": os.path.join(REPO, "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
-                        "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}, handle)
-    return str(pdd)
-
-
-def run(pdd, playbook):
-    result = ansible_runner.run(private_data_dir=pdd, playbook=playbook, quiet=True, timeout=600)
-    return result, list(result.events)
-
-
-def host_events(events, kind, task=None):
-    return [e for e in events if e["event"] == kind and (task is None or e["event_data"].get("task") == task)]
-
-
-def stats(events):
-    return [e for e in events if e["event"] == "playbook_on_stats"][-1]["event_data"]
+from awx_job import host_events, job_status, private_data_dir, run, stats, survey_answers, tail
 
 
 def test_preflight_as_an_awx_job(tmp_path, lab_inventory):
     extra = survey_answers("preflight", preflight_profile="lab")
     pdd = private_data_dir(tmp_path, lab_inventory, extra)
     result, events = run(pdd, "playbooks/preflight.yml")
-    assert result.status == "successful" and result.rc == 0, result.stdout.read()[-3000:]
+    assert result.status == "successful" and result.rc == 0, tail(result)
 
     published = host_events(events, "runner_on_ok", "Publish llmfleet_preflight and llmfleet_gpu for the roles that follow")
     assert [e["event_data"]["host"] for e in published] == ["awx-runner-node1"]
@@ -78,9 +29,7 @@ def test_preflight_as_an_awx_job(tmp_path, lab_inventory):
     assert final["ok"]["awx-runner-node1"] > 0 and final["changed"] == {}
     # What AWX shows as the job's artifacts (set_stats): the preflight sets none.
     assert final["artifact_data"] == {}
-    # The runner's own record of the job, as AWX reads it.
-    with open(os.path.join(pdd, "artifacts", result.config.ident, "status"), encoding="utf-8") as handle:
-        assert handle.read() == "successful"
+    assert job_status(pdd, result) == "successful"
 
 
 def test_preflight_gate_fails_a_host_below_the_profile(tmp_path, lab_inventory):

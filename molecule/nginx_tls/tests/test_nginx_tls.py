@@ -7,8 +7,10 @@ admins, auditors and guests but not for developers) and, through testinfra, insi
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import uuid
 import shutil
 import subprocess
 import time
@@ -30,6 +32,9 @@ PKI = EPHEMERAL / "pki"
 CA = PKI / "ca.crt"
 HSTS = "max-age=63072000; includeSubDomains"
 HOST_CA = "/etc/llmfleet/tls/ca.crt"
+CACHE_DIR = "/var/cache/llmfleet-frontdoor"
+ENGINES = {name: json.loads((SCENARIO / "vars" / f"engine-{name}.json").read_text()) for name in "ab"}
+ADMIN = {"key": KEYS["ops-admin"], "cert": "ops-admin"}
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +58,13 @@ def parse_response(raw: str) -> tuple[int, dict[str, str], str]:
     return status, headers, body
 
 
-def https(door, path, key=None, cert=None, address=None):
-    """One HTTPS request from the control node, chain verified against the fleet CA."""
+def https(door, path, key=None, cert=None, address=None, body=None):
+    """One HTTPS request from the control node, chain verified against the fleet CA; POST with a body."""
     argv = ["curl", "-sS", "-i", "--max-time", "10", "--cacert", str(CA),
             "--resolve", f"{door['name']}:443:{address or door['address']}"]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "--data-binary",
+                 body if isinstance(body, str) else json.dumps(body)]
     if key:
         argv += ["-H", f"Authorization: Bearer {key}"]
     if cert:
@@ -235,6 +243,139 @@ def test_admin_with_its_certificate_reaches_everything(door):
     assert https(door, "/no-such-path", key=KEYS["dev"])[0] == 403
 
 
+# --- response cache -----------------------------------------------------------------------------
+# The test upstream answers every POST with a new serial number: an answer with an earlier serial
+# came from the front door's cache. Admin requests (key + client certificate) are not rate-limited.
+
+def ask(door, path, body, **caller):
+    """POST `body`; returns (status, X-Cache-Status or None, upstream serial(s) or None, body)."""
+    status, headers, text = https(door, path, body=body, **(caller or ADMIN))
+    serials = re.findall(r'"serial": ([0-9]+)', text)
+    return status, headers.get("x-cache-status"), (serials[0] if serials else None), text
+
+
+def prompt():
+    return f"cache test {uuid.uuid4()}"
+
+
+def test_identical_greedy_generate_requests_hit(door):
+    text = prompt()
+    first = ask(door, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 8}})
+    assert first[:2] == (200, "MISS"), first
+    again = ask(door, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 8}})
+    assert again[:3] == (200, "HIT", first[2]), again
+    # The same request written differently (key order, white space) is the same normalised body.
+    reordered = '{ "parameters" : {"max_new_tokens": 8},\n "inputs": %s }' % json.dumps(text)
+    assert ask(door, "/generate", reordered)[1:3] == ("HIT", first[2])
+    # Another token budget is another request.
+    other = ask(door, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 9}})
+    assert other[1] == "MISS" and other[2] != first[2]
+
+
+def test_identical_temperature_zero_chat_requests_hit(door):
+    body = {"model": "tgi", "messages": [{"role": "user", "content": prompt()}], "temperature": 0, "max_tokens": 8}
+    first = ask(door, "/v1/chat/completions", body)
+    assert first[:2] == (200, "MISS"), first
+    assert ask(door, "/v1/chat/completions", body)[1:3] == ("HIT", first[2])
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/generate", {"parameters": {"do_sample": True, "max_new_tokens": 8}}),
+    ("/generate", {"parameters": {"temperature": 0.7, "max_new_tokens": 8}}),
+    ("/generate", {"parameters": {"top_p": 0.9}}),
+    ("/v1/chat/completions", {"temperature": 0.7}),
+    ("/v1/chat/completions", {}),
+    ("/v1/chat/completions", {"temperature": 0, "top_p": 0.5}),
+    ("/v1/chat/completions", {"temperature": 0, "n": 2}),
+], ids=["do_sample", "generate-temperature", "generate-top_p", "chat-temperature", "chat-default-temperature",
+        "chat-top_p", "chat-n"])
+def test_sampled_requests_are_never_cached(door, path, body):
+    body = dict(body, **({"inputs": prompt()} if path == "/generate" else {"messages": [{"role": "user", "content": prompt()}]}))
+    answers = [ask(door, path, body) for _round in range(2)]
+    assert [answer[:2] for answer in answers] == [(200, None), (200, None)], answers
+    assert answers[0][2] != answers[1][2]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"temperature": 0, "stream": True}),
+    ("/generate_stream", {"parameters": {"max_new_tokens": 8}}),
+])
+def test_streamed_requests_are_never_cached(door, path, body):
+    body = dict(body, **({"inputs": prompt()} if path == "/generate_stream" else {"messages": [{"role": "user", "content": prompt()}]}))
+    answers = [ask(door, path, body) for _round in range(2)]
+    for status, cache_status, _serial, text in answers:
+        assert (status, cache_status) == (200, None)
+        assert text.count("data: ") == 3, text
+    assert answers[0][2] != answers[1][2]
+
+
+def test_a_cached_answer_still_needs_the_right_key_and_role(door):
+    body = {"inputs": prompt(), "parameters": {"max_new_tokens": 8}}
+    cached = ask(door, "/generate", body)
+    assert ask(door, "/generate", body)[1:3] == ("HIT", cached[2])
+    refused = [ask(door, "/generate", body, key=None),
+               ask(door, "/generate", body, key="mol-not-a-key-00000000000000000000000000"),
+               ask(door, "/generate", body, key=KEYS["audit"]),
+               ask(door, "/generate", body, key=KEYS["ops-admin"])]
+    assert [answer[0] for answer in refused] == [401, 401, 403, 403]
+    for answer in refused:
+        assert answer[1] is None and answer[2] is None, answer
+    # The shared cache (nginx_tls_cache_scope: shared) answers another allowed caller too.
+    time.sleep(1)
+    assert ask(door, "/generate", body, key=KEYS["guest"])[:3] == (200, "HIT", cached[2])
+
+
+def test_cached_answers_are_www_data_only_and_hold_no_key(host):
+    cache = host.file(CACHE_DIR)
+    assert (cache.user, cache.mode) == ("www-data", 0o700)
+    stored = host.run("find %s -type f", CACHE_DIR).stdout.split()
+    assert stored
+    for name, key in KEYS.items():
+        if key:
+            assert host.run("grep -rqF -- %s %s", key, CACHE_DIR).rc == 1, name
+
+
+def engine_vars(name, **changes):
+    return ["-e", json.dumps({"llmfleet_engine": dict(ENGINES[name], **changes)})]
+
+
+def test_a_release_switch_never_serves_the_previous_answer(host, door):
+    body = {"inputs": prompt(), "parameters": {"max_new_tokens": 8}}
+    on_a = ask(door, "/generate", body)
+    assert ask(door, "/generate", body)[1:3] == ("HIT", on_a[2])
+    dir_a = host.run("ls %s", CACHE_DIR).stdout.split()
+    try:
+        switched = playbook("converge.yml", *engine_vars("b"))
+        assert switched.returncode == 0, switched.stdout[-3000:]
+        on_b = ask(door, "/generate", body)
+        assert on_b[1] == "MISS" and on_b[2] != on_a[2], on_b
+        assert ask(door, "/generate", body)[1:3] == ("HIT", on_b[2])
+        # One directory per serving release: A's answers are gone, not only unreachable.
+        dir_b = host.run("ls %s", CACHE_DIR).stdout.split()
+        assert len(dir_a) == len(dir_b) == 1 and dir_a != dir_b
+
+        # The same release with other engine arguments answers differently too.
+        args = dict(ENGINES["b"]["engine_args"], quantize="fp8")
+        requantized = playbook("converge.yml", *engine_vars("b", engine_args=args))
+        assert requantized.returncode == 0, requantized.stdout[-3000:]
+        assert ask(door, "/generate", body)[1] == "MISS"
+    finally:
+        back = playbook("converge.yml")
+        assert back.returncode == 0, back.stdout[-3000:]
+    # Back on A: what A answered before the switch was dropped with A's directory.
+    on_a_again = ask(door, "/generate", body)
+    assert on_a_again[1] == "MISS" and on_a_again[2] not in (on_a[2], on_b[2])
+
+
+def test_the_cache_refuses_to_run_without_the_serving_release(host):
+    before = host.file("/etc/nginx/nginx.conf").sha256sum
+    result = playbook("converge.yml", "-e", json.dumps({"llmfleet_engine": {}}))
+    assert result.returncode != 0
+    assert "apply tgi_server earlier in the same play" in result.stdout
+    assert "nginx_tls_cache_release" in result.stdout
+    assert host.file("/etc/nginx/nginx.conf").sha256sum == before
+
+
 # --- drain switch -------------------------------------------------------------------------------
 
 def test_drain_then_undrain(door):
@@ -278,7 +419,7 @@ def test_drain_waits_for_requests_in_flight_within_its_bound(door, tmp_path):
 def test_check_mode_after_converge_changes_nothing_and_diff_shows_no_secret(host):
     # Runs before the broken template below (file order within the host's tests), which leaves its
     # refused candidate behind until the next converge re-renders it.
-    for name in ["nginx.conf", "llmfleet/bearer.js", "llmfleet/keys.map", "llmfleet/upstream-auth.conf"]:
+    for name in ["nginx.conf", "llmfleet/bearer.js", "llmfleet/cache.js", "llmfleet/keys.map", "llmfleet/upstream-auth.conf"]:
         live = host.file(f"/etc/nginx/{name}").sha256sum
         assert host.file(f"/etc/nginx/llmfleet-candidate/{name}").sha256sum == live, name
     result = playbook("converge.yml", "--check", "--diff")
@@ -331,7 +472,8 @@ def test_control_node_keys_are_0600(name):
 def test_keys_are_stored_hashed_only(host):
     for name, key in KEYS.items():
         if key:
-            assert host.run("grep -rqF -- %s /etc /var/log /var/lib/nginx /var/lib/llmfleet-frontdoor", key).rc == 1, name
+            assert host.run("grep -rqF -- %s /etc /var/log /var/lib/nginx /var/lib/llmfleet-frontdoor %s",
+                            key, CACHE_DIR).rc == 1, name
 
 
 def test_no_secret_in_play_output_journal_or_nginx_logs(host):

@@ -3,6 +3,7 @@ HTTP (star) vs the BitTorrent swarm (P2P), in one run, every link capped at the 
 
     cd /work/main && .venv/bin/python bench/fanout.py [--hosts 8] [--mib 1024] [--rate-mib 20]
         [--piece-exp 20] [--shards 4] [--name bench-fanout] [--json OUT] [--keep] [--skip-star]
+        [--origin webseed,seeder]
 
 Steps (the lab, the origin and the tracker are torn down at the end, try/finally, unless --keep):
   1. `lab/llmlab.py up --name NAME --hosts N` (its own network); aria2 installed on every host (apt).
@@ -18,7 +19,10 @@ Steps (the lab, the origin and the tracker are torn down at the end, try/finally
   5. P2P: every host at once runs aria2c with the command line the swarm_fetch module builds
      (plugins/module_utils/_swarm.py aria2_argv: random piece order, bound to the host's fleet address,
      DHT/LPD/PEX off, up and down capped at B, exits once complete). Makespan = the last host's finish.
-     Every host's files are then checked with sha256sum against the shards' digests.
+     Every host's files are then checked with sha256sum against the shards' digests. Once per --origin:
+     `webseed` (what the model_swarm role does: the origin as HTTP web seed, through the capped origin
+     above) and `seeder` (the origin as an aria2c BitTorrent seeder on the control node instead, upload
+     capped at B, its bytes read from its JSON-RPC; hosts get the torrent without web seed).
   6. Prints M/B, both makespans, the ratios and the origin's bytes of each run; --json writes them.
 
 Each host's own up/down cap is aria2c's (--max-overall-upload-limit / --max-overall-download-limit);
@@ -37,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +198,7 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--skip-star", action="store_true")
+    parser.add_argument("--origin", default="webseed", help="comma-separated: webseed, seeder")
     args = parser.parse_args()
     rate = int(args.rate_mib * MIB)
     total = args.mib * MIB
@@ -258,45 +264,17 @@ def main() -> int:
             lab.on_all(lambda a: "rm -rf /var/tmp/star")
             log(f"star: {result['star_makespan_s']} s, origin sent {result['star_origin_bytes'] / total:.2f} copies")
 
-        since = time.time()
-        log("p2p: every host from the swarm (peers + the origin as web seed)")
-
-        def p2p_command(address):
-            argv = swarm.aria2_argv("aria2c", "/var/tmp/r1.torrent", "/var/tmp/p2p", "/var/tmp/p2p.log", address,
-                                    upload_limit=str(rate), download_limit=str(rate), stall_timeout=120)
-            return " ".join(argv)
-
-        p2p = lab.on_all(p2p_command)
-        bad = [f"{a}: rc {p.returncode} {p.stderr.strip()[-300:]}" for a, (_s, p) in p2p.items() if p.returncode]
-        if bad:
-            raise SystemExit("p2p fetch failed: " + "; ".join(bad))
-        finishes = sorted(round(s, 1) for s, _p in p2p.values())
-        result["p2p_makespan_s"] = finishes[-1]
-        result["p2p_finish_s"] = finishes
-        result["p2p_origin_bytes"] = origin_bytes(access_log, since)
-        bad = check_files(lab, "/var/tmp/p2p/r1", digests)
-        if bad:
-            raise SystemExit("p2p copies differ: " + "; ".join(bad))
-
-        m_over_b = total / rate
-        result["p2p_over_M_B"] = round(result["p2p_makespan_s"] / m_over_b, 2)
-        result["p2p_origin_copies"] = round(result["p2p_origin_bytes"] / total, 2)
-        print()
-        print(f"N = {args.hosts} hosts, M = {total / MIB:.0f} MiB in {args.shards} shards, B = {args.rate_mib} MiB/s, "
-              f"piece {info['piece_length'] // 1024} KiB")
-        print(f"M/B                          {m_over_b:8.1f} s")
-        if "star_makespan_s" in result:
-            result["star_over_M_B"] = round(result["star_makespan_s"] / m_over_b, 2)
-            result["star_origin_copies"] = round(result["star_origin_bytes"] / total, 2)
-            result["speedup"] = round(result["star_makespan_s"] / result["p2p_makespan_s"], 2)
-            print(f"star (origin-only HTTP)      {result['star_makespan_s']:8.1f} s = {result['star_over_M_B']:.2f} x M/B, "
-                  f"origin {result['star_origin_bytes'] / MIB:.0f} MiB = {result['star_origin_copies']:.2f} x M")
-        print(f"p2p (swarm + web seed)       {result['p2p_makespan_s']:8.1f} s = {result['p2p_over_M_B']:.2f} x M/B, "
-              f"origin {result['p2p_origin_bytes'] / MIB:.0f} MiB = {result['p2p_origin_copies']:.2f} x M")
-        print(f"p2p finish times             {finishes}")
-        if "speedup" in result:
-            print(f"star / p2p                   {result['speedup']:8.2f} x")
-        print("goal: p2p <= 1.30 x M/B, star/p2p >= 5 x, origin <= 1.20 x M")
+        peers_torrent = WORK / f"r1-{args.piece_exp}.peers.torrent"
+        if not peers_torrent.exists():
+            run(["mktorrent", "-d", "-p", "-l", str(args.piece_exp), "-a", tracker["announce"],
+                 "-n", "r1", "-o", str(peers_torrent), str(release)])
+        for address in lab.hosts:
+            subprocess.run(["ssh", "-i", lab.key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                            "-o", "LogLevel=ERROR", f"root@{address}", "cat > /var/tmp/r1.peers.torrent"],
+                           input=peers_torrent.read_bytes(), check=True, capture_output=True)
+        for mode in args.origin.split(","):
+            p2p_run(lab, mode, rate, total, digests, access_log, peers_torrent, result)
+        report(args, result, total, rate, info)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
@@ -307,6 +285,94 @@ def main() -> int:
         if not args.keep:
             run([PY, str(ROOT / "lab" / "llmlab.py"), "down", "--name", args.name], check=False)
             shutil.rmtree(WORK, ignore_errors=True)
+
+
+def _rpc(port, method, params):
+    body = json.dumps({"jsonrpc": "2.0", "id": "bench", "method": method, "params": params}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/jsonrpc", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        return json.loads(resp.read())["result"]
+
+
+def start_seeder(lab, rate, peers_torrent):
+    """The origin as an aria2c BitTorrent seeder on the control node (instead of the web seed)."""
+    port = 16800 + os.getpid() % 1000
+    proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        ["aria2c", f"--dir={WORK / 'origin' / 'bench-model'}", "--bt-seed-unverified=true", "--seed-ratio=0",
+         f"--interface={lab.gateway}", "--disable-ipv6=true", "--listen-port=6990-6999", "--enable-dht=false",
+         "--bt-enable-lpd=false", "--enable-peer-exchange=false", f"--max-overall-upload-limit={rate}",
+         "--enable-rpc=true", f"--rpc-listen-port={port}", "--rpc-listen-all=false", "--summary-interval=0",
+         "--console-log-level=warn", str(peers_torrent)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if _rpc(port, "aria2.tellActive", [["gid", "uploadLength"]]):
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the origin's aria2c seeder did not start")
+
+
+def p2p_run(lab, mode, rate, total, digests, access_log, peers_torrent, result):
+    seeder = None
+    if mode == "seeder":
+        seeder, rpc_port = start_seeder(lab, rate, peers_torrent)
+    torrent = "/var/tmp/r1.torrent" if mode == "webseed" else "/var/tmp/r1.peers.torrent"
+    lab.on_all(lambda a: "rm -rf /var/tmp/p2p && mkdir -p /var/tmp/p2p")
+    since = time.time()
+    log(f"p2p, origin as {mode}: every host from the swarm")
+
+    def p2p_command(address):
+        argv = swarm.aria2_argv("aria2c", torrent, "/var/tmp/p2p", "/var/tmp/p2p.log", address,
+                                upload_limit=str(rate), download_limit=str(rate), stall_timeout=120)
+        return " ".join(argv)
+
+    try:
+        runs = lab.on_all(p2p_command)
+        origin_sent = origin_bytes(access_log, since)
+        if seeder:
+            origin_sent = sum(int(t["uploadLength"]) for t in _rpc(rpc_port, "aria2.tellActive", [["uploadLength"]]))
+    finally:
+        if seeder:
+            seeder.terminate()
+            seeder.wait(timeout=30)
+    bad = [f"{a}: rc {p.returncode} {p.stderr.strip()[-300:]}" for a, (_s, p) in runs.items() if p.returncode]
+    if bad:
+        raise SystemExit(f"p2p ({mode}) fetch failed: " + "; ".join(bad))
+    bad = check_files(lab, "/var/tmp/p2p/r1", digests)
+    if bad:
+        raise SystemExit(f"p2p ({mode}) copies differ: " + "; ".join(bad))
+    finishes = sorted(round(s, 1) for s, _p in runs.values())
+    result[f"p2p_{mode}"] = {"makespan_s": finishes[-1], "finish_s": finishes, "origin_bytes": origin_sent,
+                             "over_M_B": round(finishes[-1] / (total / rate), 2),
+                             "origin_copies": round(origin_sent / total, 2)}
+    log(f"p2p ({mode}): {finishes[-1]} s, origin sent {origin_sent / total:.2f} copies")
+
+
+def report(args, result, total, rate, info):
+    m_over_b = total / rate
+    print()
+    print(f"N = {args.hosts} hosts, M = {total / MIB:.0f} MiB in {args.shards} shards, B = {args.rate_mib} MiB/s, "
+          f"piece {info['piece_length'] // 1024} KiB")
+    print(f"M/B                            {m_over_b:8.1f} s")
+    if "star_makespan_s" in result:
+        result["star_over_M_B"] = round(result["star_makespan_s"] / m_over_b, 2)
+        result["star_origin_copies"] = round(result["star_origin_bytes"] / total, 2)
+        print(f"star (origin-only HTTP)        {result['star_makespan_s']:8.1f} s = {result['star_over_M_B']:.2f} x M/B, "
+              f"origin {result['star_origin_copies']:.2f} x M")
+    for mode in args.origin.split(","):
+        run_result = result[f"p2p_{mode}"]
+        if "star_makespan_s" in result:
+            run_result["speedup"] = round(result["star_makespan_s"] / run_result["makespan_s"], 2)
+        print(f"p2p, origin as {mode:8s}        {run_result['makespan_s']:8.1f} s = {run_result['over_M_B']:.2f} x M/B, "
+              f"origin {run_result['origin_copies']:.2f} x M; star/p2p "
+              + (f"{run_result['speedup']:.2f} x" if "speedup" in run_result else "-"))
+        print(f"    finish times               {run_result['finish_s']}")
+    print("goal: p2p <= 1.30 x M/B, star/p2p >= 5 x, origin <= 1.20 x M")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ module: swarm_fetch
 short_description: Fetch a release's files from the fleet's BitTorrent swarm with aria2c
 version_added: 0.1.0
 description:
-  - Downloads the files of a private torrent into O(dest) with Debian's C(aria2c): from the peers the
+  - Downloads the files of a private torrent into O(dest) with Debian's C(aria2c), from the peers the
     tracker names and from the torrent's HTTP web seeds (the origin mirror), pieces in random order so
     peers hold different pieces and trade them.
   - Every piece is checked against the torrent's SHA-1 by aria2c; a piece from a bad peer is rejected and
@@ -47,13 +47,13 @@ options:
     required: true
   peers_torrent:
     description:
-      - The same torrent without the web seed (the same info-hash: C(url-list) is outside the info
+      - The same torrent without the web seed (the same info-hash, since C(url-list) is outside the info
         dictionary), used when O(web_seed) says peers alone.
     type: path
   web_seed:
     description:
       - V(auto) fetches from peers alone (O(peers_torrent)) when the tracker counts at least one complete seeder
-        of the torrent (a scrape), else from peers and the origin's web seed (O(torrent)): a later wave costs
+        of the torrent (a scrape), else from peers and the origin's web seed (O(torrent)) - a later wave costs
         the origin nothing, and the first hosts still get the release.
       - V(always) uses O(torrent); V(never) uses O(peers_torrent).
       - Whatever it says, a tracker that does not answer means O(torrent) (web seed alone), with a warning.
@@ -163,9 +163,10 @@ seconds:
 import os
 import time
 import urllib.parse
-import urllib.request
+from urllib.error import HTTPError, URLError
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.urls import open_url
 
 from ansible_collections.llmfleet.serving.plugins.module_utils._swarm import (
     aria2_argv,
@@ -193,11 +194,11 @@ def _scrape(torrent, timeout):
         scrape = scrape_url(url)
         if not scrape:
             continue
+        url = "%s?info_hash=%s" % (scrape, urllib.parse.quote(bytes.fromhex(torrent["info_hash"])))
         try:
-            with urllib.request.urlopen("%s?info_hash=%s" % (scrape, urllib.parse.quote(bytes.fromhex(torrent["info_hash"]))),
-                                        timeout=timeout) as resp:
-                counts = parse_scrape(resp.read(1 << 20), torrent["info_hash"])
-        except (OSError, ValueError):
+            resp = open_url(url, timeout=timeout, validate_certs=True)
+            counts = parse_scrape(resp.read(1 << 20), torrent["info_hash"])
+        except (OSError, ValueError, HTTPError, URLError):
             continue
         if counts is not None:
             return counts["complete"]

@@ -1,0 +1,107 @@
+# -*- coding: utf-8 -*-
+# Copyright (c) llmfleet maintainers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""swarm_fetch with the real aria2c and mktorrent (Debian's; skipped where they are missing) and the
+lab's range-serving mirror (lab/mirror.py) as web seed, on 127.0.0.1. The tracker is a closed port:
+these tests cover the module's own decisions (tracker down -> web seed alone with a warning, check
+mode, idempotence, refusals); the swarm itself is tested on lab hosts by molecule/model_fanout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+from ansible.module_utils import basic
+from ansible.module_utils.testing import patch_module_args
+
+from ansible_collections.llmfleet.serving.plugins.modules import swarm_fetch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+pytestmark = pytest.mark.skipif(not (shutil.which("aria2c") and shutil.which("mktorrent")),
+                                reason="needs Debian's aria2 and mktorrent (make deps installs them)")
+FILES = {"config.json": b'{"model_type": "llama"}\n', "sub/model.safetensors": os.urandom(200_000)}
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def origin(tmp_path):
+    release = tmp_path / "origin" / "acme" / "rev1"
+    for path, data in FILES.items():
+        (release / path).parent.mkdir(parents=True, exist_ok=True)
+        (release / path).write_bytes(data)
+    pidfile = str(tmp_path / "mirror.pid")
+    started = subprocess.run([sys.executable, os.path.join(REPO, "lab", "mirror.py"), "start", "--root",
+                              str(tmp_path / "origin"), "--bind", "127.0.0.1", "--port", "0", "--pidfile", pidfile,
+                              "--access-log", str(tmp_path / "access.log")],
+                             check=True, capture_output=True, text=True)
+    url = json.loads(started.stdout)["url"]
+    announce = "http://127.0.0.1:%d/announce" % _closed_port()
+    for name, extra in (("t.torrent", ["-w", url + "/acme/"]), ("t.peers.torrent", [])):
+        subprocess.run(["mktorrent", "-d", "-p", "-l", "15", "-a", announce, *extra, "-n", "rev1",
+                        "-o", str(tmp_path / name), str(release)], check=True, capture_output=True)
+    yield tmp_path
+    subprocess.run([sys.executable, os.path.join(REPO, "lab", "mirror.py"), "stop", "--pidfile", pidfile],
+                   check=False, capture_output=True)
+
+
+def call_module(capsys, **args):
+    """Run main(); return (exit code, result with the module's warnings under ``warned``)."""
+    warned = []
+    with patch_module_args(args), pytest.raises(SystemExit) as rc, \
+            mock.patch.object(basic.AnsibleModule, "warn", lambda self, msg: warned.append(msg)):
+        swarm_fetch.main()
+    return rc.value.code, dict(json.loads(capsys.readouterr().out), warned=warned)
+
+
+def _args(tmp_path, **extra):
+    return dict(torrent=str(tmp_path / "t.torrent"), peers_torrent=str(tmp_path / "t.peers.torrent"),
+                dest=str(tmp_path / "dest"), listen_address="127.0.0.1", listen_port="16881-16889",
+                tracker_timeout=1, stall_timeout=20, **extra)
+
+
+def test_check_mode_reports_and_writes_nothing(origin, capsys):
+    rc, out = call_module(capsys, _ansible_check_mode=True, **_args(origin))
+    assert rc == 0 and out["changed"] and out["state_before"] == "absent" and not out["complete"]
+    assert out["bytes"] == sum(len(v) for v in FILES.values())
+    assert not (origin / "dest").exists()
+
+
+def test_tracker_down_fetches_from_the_web_seed_alone_with_a_warning_then_is_idempotent(origin, capsys):
+    rc, out = call_module(capsys, **_args(origin))
+    assert rc == 0, out
+    assert out["changed"] and out["complete"] and out["state_before"] == "absent"
+    assert out["tracker_reachable"] is False and out["web_seed"] is True and out["wrong_pieces"] == 0
+    assert any("does not answer" in w and "web seed alone" in w for w in out["warned"])
+    for path, data in FILES.items():
+        assert (origin / "dest" / "rev1" / path).read_bytes() == data
+    assert oct((origin / "dest").stat().st_mode & 0o777) == "0o700"
+    rc, out = call_module(capsys, **_args(origin))
+    assert rc == 0 and not out["changed"] and out["state_before"] == "complete"
+
+
+def test_no_tracker_and_no_web_seed_is_refused(origin, capsys):
+    args = _args(origin)
+    args["torrent"] = args.pop("peers_torrent")
+    rc, out = call_module(capsys, **args)
+    assert rc == 1 and "does not answer and the torrent has no web seed" in out["msg"]
+
+
+def test_a_torrent_that_is_not_one_is_refused(origin, capsys):
+    (origin / "bad.torrent").write_bytes(b"<html>not a torrent</html>")
+    args = _args(origin)
+    args["torrent"] = str(origin / "bad.torrent")
+    rc, out = call_module(capsys, **args)
+    assert rc == 1 and "is not a usable torrent" in out["msg"]

@@ -58,10 +58,12 @@ def parse_response(raw: str) -> tuple[int, dict[str, str], str]:
     return status, headers, body
 
 
-def https(door, path, key=None, cert=None, address=None, body=None):
+def https(door, path, key=None, cert=None, address=None, body=None, headers=()):
     """One HTTPS request from the control node, chain verified against the fleet CA; POST with a body."""
     argv = ["curl", "-sS", "-i", "--max-time", "10", "--cacert", str(CA),
             "--resolve", f"{door['name']}:443:{address or door['address']}"]
+    for header in headers:
+        argv += ["-H", header]
     if body is not None:
         argv += ["-H", "Content-Type: application/json", "--data-binary",
                  body if isinstance(body, str) else json.dumps(body)]
@@ -247,9 +249,9 @@ def test_admin_with_its_certificate_reaches_everything(door):
 # The test upstream answers every POST with a new serial number: an answer with an earlier serial
 # came from the front door's cache. Admin requests (key + client certificate) are not rate-limited.
 
-def ask(door, path, body, **caller):
-    """POST `body`; returns (status, X-Cache-Status or None, upstream serial(s) or None, body)."""
-    status, headers, text = https(door, path, body=body, **(caller or ADMIN))
+def ask(door, path, body, headers=(), **caller):
+    """POST `body`; returns (status, X-Cache-Status or None, upstream serial or None, body)."""
+    status, headers, text = https(door, path, body=body, headers=headers, **(caller or ADMIN))
     serials = re.findall(r'"serial": ([0-9]+)', text)
     return status, headers.get("x-cache-status"), (serials[0] if serials else None), text
 
@@ -270,6 +272,11 @@ def test_identical_greedy_generate_requests_hit(door):
     # Another token budget is another request.
     other = ask(door, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 9}})
     assert other[1] == "MISS" and other[2] != first[2]
+    # A client asking for a fresh answer goes around the cache, and what it got is not stored.
+    for header in ["Cache-Control: no-cache", "Cache-Control: max-age=0, no-store", "Pragma: no-cache"]:
+        fresh = ask(door, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 8}}, headers=[header])
+        assert fresh[:2] == (200, None) and fresh[2] not in (first[2], other[2]), (header, fresh)
+    assert ask(door, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 8}})[1:3] == ("HIT", first[2])
 
 
 def test_identical_temperature_zero_chat_requests_hit(door):

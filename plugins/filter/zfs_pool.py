@@ -1,7 +1,7 @@
 # Copyright (c) llmfleet maintainers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""Filters private to the zfs_pool role.
+"""Filters of the zfs_pool role (llmfleet.serving.zfs_pool_*).
 
 zfs_pool_status_vdevs: the data vdev layout of a pool from `zpool status -P -L POOL`, for the
 read-only comparison with the wanted layout. Own code because community.general.zpool compares
@@ -14,7 +14,10 @@ zfs_pool_arc_max: the ARC cap in bytes from the host's RAM.
 
 from __future__ import annotations
 
+import functools
 import re
+
+from ansible.errors import AnsibleFilterError
 
 GROUP_RE = re.compile(r"^(mirror|raidz[123]?|draid[123]?[^-]*)-[0-9]+$")
 SECTIONS = {"logs": "log", "cache": "cache", "spares": "spare", "special": "special", "dedup": "dedup"}
@@ -132,13 +135,22 @@ def zfs_pool_arc_max(memtotal_mb, fraction, floor_mb, ceiling_mb=None):
     return size_mb * 1024 * 1024
 
 
+def _filter(function):
+    """ValueError of a helper becomes the filter error Ansible reports with the task."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except ValueError as exc:
+            raise AnsibleFilterError("%s: %s" % (function.__name__, exc)) from exc
+    return wrapper
+
+
 class FilterModule:
-    """zfs_pool's private filters."""
+    """The zfs_pool role's filters."""
 
     def filters(self):
         return {
-            "zfs_pool_status_vdevs": zfs_pool_status_vdevs,
-            "zfs_pool_normalize_vdevs": zfs_pool_normalize_vdevs,
-            "zfs_pool_same_layout": zfs_pool_same_layout,
-            "zfs_pool_arc_max": zfs_pool_arc_max,
+            fn.__name__: _filter(fn)
+            for fn in (zfs_pool_status_vdevs, zfs_pool_normalize_vdevs, zfs_pool_same_layout, zfs_pool_arc_max)
         }

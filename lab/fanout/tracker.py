@@ -1,7 +1,7 @@
 """The lab's BitTorrent tracker: Debian's opentracker on the control node, with a whitelist.
 
     tracker.py start --bind ADDR --whitelist FILE --pidfile FILE [--port 0] [--log FILE]
-    tracker.py reload --pidfile FILE          re-read the whitelist (SIGHUP)
+    tracker.py reload --pidfile FILE          re-read the whitelist (SIGHUP); a no-op when it is down
     tracker.py stop --pidfile FILE            SIGTERM, wait, clean up
     tracker.py status --pidfile FILE          exit 0 and print the announce URL if running
 
@@ -128,10 +128,11 @@ def start(args) -> int:
 
 
 def reload(args) -> int:
+    # Like `systemctl try-reload-or-restart`: a tracker that is down reads the whitelist when it starts.
     state = running(args.pidfile)
     if not state:
-        print(f"tracker: not running ({args.pidfile})", file=sys.stderr)
-        return 1
+        print(f"tracker: not running ({args.pidfile}); it reads the whitelist when it starts")
+        return 0
     os.kill(state["pid"], signal.SIGHUP)
     print(json.dumps({**state, "reloaded": True}))
     return 0

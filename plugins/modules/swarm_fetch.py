@@ -170,6 +170,7 @@ from ansible.module_utils.urls import open_url
 
 from ansible_collections.llmfleet.serving.plugins.module_utils._swarm import (
     aria2_argv,
+    control_file,
     download_state,
     parse_log,
     parse_scrape,
@@ -268,7 +269,10 @@ def main():
                           params["listen_address"], listen_port=params["listen_port"],
                           upload_limit=params["upload_limit"], download_limit=params["download_limit"],
                           piece_selector=params["piece_selector"], stall_timeout=params["stall_timeout"],
-                          check_integrity=params["check_integrity"])
+                          # Data without aria2c's control file (killed before its first save): check
+                          # the pieces that are there instead of refusing to touch the files.
+                          check_integrity=params["check_integrity"] or (
+                              before == "partial" and not os.path.exists(control_file(params["dest"], torrent))))
         started = time.monotonic()
         rc, out, err = module.run_command(argv)
         result["seconds"] = round(time.monotonic() - started, 2)

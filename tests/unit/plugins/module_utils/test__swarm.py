@@ -111,7 +111,7 @@ def test_aria2_argv_fetch_binds_to_the_fleet_address_and_picks_pieces_at_random(
     for option in ("--interface=10.0.0.5", "--disable-ipv6=true", "--enable-dht=false", "--bt-enable-lpd=false",
                    "--enable-peer-exchange=false", "--stream-piece-selector=random", "--seed-time=0",
                    "--max-overall-upload-limit=20M", "--max-overall-download-limit=20M", "--bt-stop-timeout=30",
-                   "--continue=true"):
+                   "--continue=true", "--auto-save-interval=1"):
         assert option in argv
     assert "--bt-seed-unverified=true" not in argv
     assert "--check-integrity=true" not in argv

@@ -39,7 +39,12 @@ def _lab_up(request, name, hosts):
     # Registered before `up`, so a lab that came up half-way is removed too.
     request.addfinalizer(lambda: _lab(name, "down"))
     proc = _lab(name, "up", "--hosts", str(hosts))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        # Seen on this 2-core machine under a load of 20 with other labs starting: a host that
+        # exits instead of booting. The lab is not what these tests test: one fresh try.
+        _lab(name, "down")
+        again = _lab(name, "up", "--hosts", str(hosts))
+        assert again.returncode == 0, proc.stdout + proc.stderr + again.stdout + again.stderr
     return os.path.join(REPO, "lab", "state", name, "hosts.yml")
 
 
@@ -55,7 +60,7 @@ def phases_lab(request, tmp_path_factory):
 
     The lab model is built and served from this control node (lab/mirror.py on the lab network's
     gateway, a free port), and the hosts get what a GPU host's image has (tests/integration/
-    lab_prepare.yml). Returns the inventory, the release and the group_vars a site keeps in its
+    lab_prepare.yml). Returns the inventory, releases A and B and the group_vars a site keeps in its
     inventory (the lab's, with this run's mirror URL, report and CA directories).
     """
     work = tmp_path_factory.mktemp("awx-phases")
@@ -65,6 +70,8 @@ def phases_lab(request, tmp_path_factory):
     request.addfinalizer(lambda: subprocess.run([sys.executable, os.path.join(REPO, "lab", "mirror.py"), "stop",
                                                  "--pidfile", pidfile], capture_output=True, timeout=60, check=False))
     release = json.loads(_tool("lab/model/make_model.py", "--root", str(work / "mirror")))
+    # Release B: other weights, another revision (a rollout must refuse it after a pilot of A).
+    release_b = json.loads(_tool("lab/model/make_model.py", "--root", str(work / "mirror"), "--revision-salt", "B"))
     with open(os.path.join(REPO, "lab", "state", PHASES_LAB_NAME, "state.json"), encoding="utf-8") as handle:
         gateway = json.load(handle)["network"]["gateway"]
     mirror = json.loads(_tool("lab/mirror.py", "start", "--root", str(work / "mirror"), "--bind", gateway,
@@ -81,4 +88,5 @@ def phases_lab(request, tmp_path_factory):
     lab_vars.update(model_store_mirror_url=mirror["url"], llmfleet_report_dir=str(work / "reports"),
                     nginx_tls_ca_dir=str(work / "pki"))
     os.makedirs(work / "reports")
-    return {"inventory": inventory, "release": release, "work": work, "group_vars": {"lab.yml": lab_vars}}
+    return {"inventory": inventory, "release": release, "release_b": release_b, "work": work,
+            "group_vars": {"lab.yml": lab_vars}}

@@ -1,9 +1,8 @@
-"""The phase playbooks as AWX runs them: ansible-runner over a private data dir on lab hosts.
+"""The preflight as AWX runs it: ansible-runner over a private data dir on a one-host lab.
 
-AWX (inside its execution environment) lays a job out as project/ (the checked-out project),
-inventory/ (the synced inventory), env/extravars (survey answers and extra vars) and artifacts/,
-then calls ansible-runner; the job's output, host results and set_stats are runner events. These
-tests build the same layout, with the survey answers of awx/surveys/, and assert on the events.
+The job is laid out as AWX lays it out (awx_job.py), with the survey answers of awx/surveys/ as
+extra vars, and the assertions read the runner's events. Pilot and rollout, on three hosts, are
+in test_awx_runner_phases.py.
 """
 
 from __future__ import annotations

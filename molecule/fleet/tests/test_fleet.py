@@ -3,14 +3,19 @@ step (both again). Each case drives the phase playbooks with ansible-runner agai
 four lab hosts and starts from where the previous case left the fleet, so they run in file order
 and the scenario stops at the first failure (-x in molecule.yml):
 
-1. the idempotent second pilot and rollout of A changed nothing and restarted no engine;
+1. the idempotent second pilot and rollout of A changed nothing and restarted no engine, and took
+   the no-op fast path (fingerprint unchanged, only gated); a nginx.conf edited by hand on one host
+   is noticed by the next no-op rollout and repaired, while the other hosts stay on the fast path;
 2. pilot + rollout of release B in the default waves while a client streams through the front
    doors: every host on B, gate numbers in the report, no failed request;
 3. release C with a fault on one host (its engine answers too slowly): that host is rolled back
    to B and reported failed, the failure budget halts the run, the host not reached stays on B,
    every host still serves;
 4. rollback.yml flips one host back to a named release;
-5. a host stopped (podman stop) while the rollout runs is counted as failed, and the run goes on
+5. optimize.yml sweeps three engine settings on the pilot (one of them too slow for the gate's
+   limits), picks the fastest within the limits, writes its JSON and Markdown report and leaves
+   what the fleet serves as it was;
+6. a host stopped (podman stop) while the rollout runs is counted as failed, and the run goes on
    as its budget allows.
 """
 
@@ -211,10 +216,36 @@ def test_second_pilot_and_rollout_of_a_changed_and_restarted_nothing():
     assert rollout["status"] == "complete", rollout["stopped"]
     assert {h: r["action"] for h, r in rollout["hosts"].items()} == dict.fromkeys(HOSTS[1:], "unchanged")
     assert not any(record["restarted"] or record["drained"] for record in rollout["hosts"].values())
+    # The second run proved from the fingerprints that nothing could change, and only gated.
+    assert pilot["hosts"]["fleet-node1"].get("fast_path") is True, pilot["hosts"]["fleet-node1"]
+    for host, record in rollout["hosts"].items():
+        assert record.get("fast_path") is True and record["gates"]["local"]["passed"], (host, record)
+        assert record["gates"]["frontdoor"]["passed"], (host, record)
     for host in HOSTS:
         recorded = (FLEET / f"invocation-{host}").read_text(encoding="utf-8").strip()
         assert recorded and invocation(host) == recorded, f"{host}: the engine restarted during the idempotence run"
         assert serving(host) == release("A")
+
+
+def test_a_file_edited_by_hand_is_repaired_by_the_next_noop_rollout():
+    started = time.time()
+    victim = "fleet-node3"
+    conf = "/etc/nginx/nginx.conf"
+    before = on_host(victim, "sha256sum", conf)
+    on_host(victim, "sh", "-c", f"echo '# edited by hand' >> {conf}")
+    assert on_host(victim, "sha256sum", conf) != before
+    runner = run_phase("rollout")
+    assert runner.rc == 0, output_tail(runner)
+    assert on_host(victim, "sha256sum", conf) == before, "the hand edit was not repaired"
+    changed = runner.stats["changed"]
+    assert changed.get(victim, 0) > 0 and not any(changed.get(host, 0) for host in HOSTS if host != victim), changed
+    report = newest_report("rollout", after=started)
+    assert report["status"] == "complete"
+    assert "fast_path" not in report["hosts"][victim] and report["hosts"][victim]["action"] == "unchanged"
+    assert all(report["hosts"][host].get("fast_path") for host in ("fleet-node2", "fleet-node4")), report["hosts"]
+    for host in HOSTS:
+        recorded = (FLEET / f"invocation-{host}").read_text(encoding="utf-8").strip()
+        assert invocation(host) == recorded, f"{host}: the engine restarted for a front door change"
 
 
 def test_rollout_of_b_in_waves_under_a_streaming_client():
@@ -295,6 +326,55 @@ def test_rollback_to_a_named_release():
     assert record["release_before"] == release("C") and record["release_after"] == release("B")
     assert record["gates"]["local"]["passed"] and record["gates"]["frontdoor"]["passed"]
     assert serving("fleet-node2") == release("B")
+
+
+def engine_config(host: str) -> str:
+    """The engine's unit file and environment file as the role wrote them (checksums: the
+    environment file may hold the API key)."""
+    return on_host(host, "sha256sum", "/etc/systemd/system/llmfleet-engine.service",
+                   "/etc/llmfleet/tgi_server/llmfleet-engine.env")
+
+
+def test_optimize_sweeps_the_pilot_picks_the_best_and_changes_nothing_served():
+    started = time.time()
+    pilot = HOSTS[0]
+    before = {host: serving(host) for host in HOSTS}
+    config_before = engine_config(pilot)
+    others_before = {host: invocation(host) for host in HOSTS[1:]}
+    runner = run_phase("optimize", {
+        "llmfleet_model_revision": lab()["releases"]["B"],
+        # Three candidates: the inventory's arguments, one batch size, and one whose every forward
+        # step sleeps 400 ms (the reference engine's test hook): >= 9 steps of 8 new tokens take
+        # > 3.6 s, above the gate's max_p99_ms of 3000, so the sweep must rule it out.
+        "optimize_candidates": [{}, {"max_batch_size": 2}, {"latency_ms": 400}],
+        "optimize_load": {"requests": 6, "concurrency": 3, "max_new_tokens": 8, "timeout": 60},
+    })
+    assert runner.rc == 0, output_tail(runner)
+    report = newest_report("optimize", after=started)
+    assert report["schema"] == "llmfleet.report/v1" and report["status"] == "complete"
+    record = report["hosts"][pilot]
+    assert record["action"] == "optimized" and not record["failed"], record
+    sweep = report["optimize"]["candidates"]
+    assert [item["candidate"] for item in sweep] == [{}, {"max_batch_size": 2}, {"latency_ms": 400}]
+    slow = sweep[2]
+    assert not slow["passed"] and any("p99" in reason for reason in slow["reasons"]), slow
+    for item in sweep[:2]:
+        assert item["passed"] and item["requests"]["failed"] == 0 and item["tokens_per_s"] > 0, item
+    # The stated objective: the most tokens/s among the candidates within the gate's limits.
+    fastest = max((item for item in sweep if item["passed"]), key=lambda item: item["tokens_per_s"])
+    assert report["optimize"]["best"] == fastest
+    assert report["optimize"]["apply"] == {"tgi_server_engine_args": fastest["candidate"]}
+    assert json.loads((REPORTS / "optimize-latest.json").read_text(encoding="utf-8"))["id"] == report["id"]
+    markdown = Path(report["files"]["markdown"]).read_text(encoding="utf-8")
+    assert pilot in markdown and "Objective:" in markdown and "Best: `" in markdown
+    # Nothing the fleet serves changed: same releases, the pilot back on the inventory's engine
+    # arguments and in its front door, the other engines not restarted.
+    assert {host: serving(host) for host in HOSTS} == before
+    assert engine_config(pilot) == config_before
+    assert "latency-ms" not in on_host(pilot, "cat", "/etc/systemd/system/llmfleet-engine.service")
+    assert record["gates"]["local"]["passed"] and not record["still_drained"], record
+    assert front_door(pilot, "GET", "/health")[0] == 200
+    assert {host: invocation(host) for host in HOSTS[1:]} == others_before
 
 
 def test_host_stopped_mid_rollout_counts_as_failed_and_the_run_goes_on_within_its_budget():

@@ -361,11 +361,21 @@ def test_a_release_switch_never_serves_the_previous_answer(host, door):
         dir_b = host.run("ls %s", CACHE_DIR).stdout.split()
         assert len(dir_a) == len(dir_b) == 1 and dir_a != dir_b
 
-        # The same release with other engine arguments answers differently too.
+        # The same release with other engine arguments answers differently too: another release id
+        # (another directory). In the same run the cache becomes per caller: keys share no answer.
         args = dict(ENGINES["b"]["engine_args"], quantize="fp8")
-        requantized = playbook("converge.yml", *engine_vars("b", engine_args=args))
+        requantized = playbook("converge.yml", *engine_vars("b", engine_args=args), "-e", "nginx_tls_cache_scope=caller")
         assert requantized.returncode == 0, requantized.stdout[-3000:]
-        assert ask(door, "/generate", body)[1] == "MISS"
+        dir_b2 = host.run("ls %s", CACHE_DIR).stdout.split()
+        assert len(dir_b2) == 1 and dir_b2 != dir_b
+        admin = ask(door, "/generate", body)
+        assert admin[1] == "MISS" and admin[2] != on_b[2]
+        assert ask(door, "/generate", body)[1:3] == ("HIT", admin[2])
+        time.sleep(1)
+        guest = ask(door, "/generate", body, key=KEYS["guest"])
+        assert guest[1] == "MISS" and guest[2] != admin[2]
+        assert ask(door, "/generate", body, key=KEYS["guest"])[1:3] == ("HIT", guest[2])
+        assert ask(door, "/generate", body, key=KEYS["guest-hashed"])[1] == "MISS"
     finally:
         back = playbook("converge.yml")
         assert back.returncode == 0, back.stdout[-3000:]

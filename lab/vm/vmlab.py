@@ -442,7 +442,9 @@ def stop(name: str, keep: bool = False) -> None:
         kill_qemu(state)
         log(f"{name}: qemu stopped")
     if not keep and sdir.exists():
-        shutil.rmtree(sdir)
+        # A second stop of the same VM (molecule's destroy after a failed run) may race this one.
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(sdir)
         log(f"{name}: state removed")
 
 

@@ -47,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = str(ROOT / ".venv" / "bin" / "python")
 WORK = Path("/var/tmp/llmfleet-bench-fanout")
+# opentracker runs as nobody and reads its whitelist by path: not under WORK's root-only parents.
+WHITELIST = Path("/tmp/llmfleet-fanout-bench/whitelist")
 MIB = 1 << 20
 T0 = time.monotonic()
 
@@ -226,7 +228,7 @@ def main() -> int:
         threading.Thread(target=origin.serve_forever, daemon=True).start()
         log(f"origin {origin.url} capped at {args.rate_mib} MiB/s for all connections together")
 
-        whitelist = Path("/tmp/llmfleet-fanout-bench/whitelist")
+        whitelist = WHITELIST
         run([PY, str(ROOT / "lab" / "fanout" / "tracker.py"), "stop", "--pidfile", tracker_pid], check=False)
         tracker = json.loads(run([PY, str(ROOT / "lab" / "fanout" / "tracker.py"), "start", "--bind", lab.gateway,
                                   "--whitelist", str(whitelist), "--pidfile", tracker_pid,
@@ -285,6 +287,7 @@ def main() -> int:
         if not args.keep:
             run([PY, str(ROOT / "lab" / "llmlab.py"), "down", "--name", args.name], check=False)
             shutil.rmtree(WORK, ignore_errors=True)
+            shutil.rmtree(WHITELIST.parent, ignore_errors=True)
 
 
 def _rpc(port, method, params):

@@ -703,11 +703,31 @@ def read_state(lab: str) -> dict | None:
         return None
 
 
+# Every systemd host (and its journald, logind, udev...) takes inotify instances from root's
+# per-user budget, which is 128 on a stock kernel: with a few labs up, new hosts hang at boot and
+# `journalctl --follow` fails with "Insufficient watch descriptors". The lab raises the limits on
+# the machine that runs it (root is needed for podman anyway) and never lowers them.
+INOTIFY_LIMITS = {"fs/inotify/max_user_instances": 8192, "fs/inotify/max_user_watches": 1048576}
+
+
+def raise_inotify_limits(clock: "Clock") -> None:
+    for key, wanted in INOTIFY_LIMITS.items():
+        path = Path("/proc/sys") / key
+        try:
+            current = int(path.read_text().strip())
+            if current < wanted:
+                path.write_text(f"{wanted}\n")
+                clock.say(f"raised {key.replace('/', '.')} from {current} to {wanted}")
+        except (OSError, ValueError) as exc:
+            clock.say(f"warning: cannot raise {key.replace('/', '.')} ({exc}); hosts may hang at boot")
+
+
 def cmd_up(args) -> None:
     require()
     lab = validate_name(args.name)
     count = validate_host_count(args.hosts)
     clock = Clock()
+    raise_inotify_limits(clock)
     with clock.stage("image"):
         image = ensure_image(clock)
     key = ensure_key(lab)

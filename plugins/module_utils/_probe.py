@@ -295,7 +295,9 @@ class Endpoint:
         self.url = "%s://%s%s" % (parts.scheme, parts.netloc, self.prefix)
         self.ssl_context = (_ssl_context(ca_path, validate_certs, client_cert, client_key)
                             if parts.scheme == "https" else None)
-        self.headers = {"User-Agent": USER_AGENT}
+        # The gate measures the engine, never a response cache in front of it (nginx_tls's cache
+        # honours no-cache and goes around itself); a caller's own headers may say otherwise.
+        self.headers = {"User-Agent": USER_AGENT, "Cache-Control": "no-cache"}
         for key, value in (headers or {}).items():
             self.headers[str(key)] = str(value)
         if api_key:

@@ -245,7 +245,13 @@ def test_endpoint_refusals(url, kwargs, message):
 
 def test_api_key_wins_over_an_authorization_header():
     e = Endpoint("http://h", api_key="k1", headers={"authorization": "Basic eA==", "X-Tenant": "ml"})
-    assert e.headers == {"User-Agent": _probe.USER_AGENT, "X-Tenant": "ml", "Authorization": "Bearer k1"}
+    assert e.headers == {"User-Agent": _probe.USER_AGENT, "Cache-Control": "no-cache", "X-Tenant": "ml",
+                         "Authorization": "Bearer k1"}
+
+
+def test_the_gate_goes_around_a_response_cache_unless_told_otherwise():
+    assert Endpoint("http://h").headers["Cache-Control"] == "no-cache"
+    assert Endpoint("http://h", headers={"Cache-Control": "max-age=60"}).headers["Cache-Control"] == "max-age=60"
     assert Endpoint("http://h", headers={"Authorization": "Basic eA=="}).headers["Authorization"] == "Basic eA=="
 
 

@@ -120,13 +120,14 @@ EOF
 systemctl enable ssh.service
 
 # Timers that would run apt or disk maintenance behind a test's back, and units that only fail or
-# wait in a container (no real disks, consoles or kernel modules).
+# wait in a container (no real disks, consoles or kernel modules; binfmt_misc hung boots under load).
 systemctl mask \
   apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
   e2scrub_reap.service fstrim.timer \
   getty.target console-getty.service systemd-modules-load.service \
   systemd-remount-fs.service sys-kernel-config.mount sys-kernel-debug.mount \
-  sys-kernel-tracing.mount dev-hugepages.mount
+  sys-kernel-tracing.mount dev-hugepages.mount \
+  systemd-binfmt.service proc-sys-fs-binfmt_misc.automount proc-sys-fs-binfmt_misc.mount
 
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/*.log

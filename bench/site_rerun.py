@@ -335,8 +335,8 @@ def main() -> int:
 
     # report
     checks = []
-    columns = [(label, results[key]) for label, key in (("defaults", "defaults"), ("project", "project"),
-                                                         ("full path", "full_path")) if key in results]
+    labels = (("defaults", "defaults"), ("project", "project"), ("full path", "full_path"))
+    columns = [(label, results[key]) for label, key in labels if key in results]
     columns += sorted(results.get("variants", {}).items())
     if "project" in results:
         p = results["project"]

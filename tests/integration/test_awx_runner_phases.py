@@ -121,6 +121,11 @@ def test_pilot_publishes_its_report_for_the_approver(pilot_job, phases_lab):
     assert os.path.getsize(evidence["report"]["markdown"]) > 0
     with open(os.path.join(phases_lab["work"], "reports", "pilot-latest.json"), encoding="utf-8") as handle:
         assert json.load(handle)["id"] == evidence["id"]
+    # The job's output says the verdict and the gate numbers too (the approval node shows the job).
+    said = debug_messages(events, "Say how the pilot ended")
+    assert len(said) == 1 and said[0].startswith("pilot passed on %s: release %s;" % (PILOT, release))
+    assert "local gate ok (P99 %s ms" % local["latency_ms"]["p99"] in said[0]
+    assert "frontdoor gate ok" in said[0] and evidence["report"]["markdown"] in said[0]
 
 
 def test_rollout_job_succeeds_on_the_other_hosts(rollout_job):

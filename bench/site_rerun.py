@@ -2,7 +2,8 @@
 with the project's shipped ansible.cfg vs Ansible's defaults, in one run.
 
     cd /work/main && .venv/bin/python bench/site_rerun.py [--hosts 8] [--name site-rerun] [--json OUT]
-        [--variant NAME:section.key=value[;...]]... [--skip-defaults] [--skip-drift] [--keep | --reuse]
+        [--variant NAME:section.key=value[;...]]... [--mitogen] [--full-path] [--skip-defaults] [--skip-drift]
+        [--keep | --reuse]
 
 Steps (the lab is torn down at the end, try/finally, unless --keep):
   1. `lab/llmlab.py up --name NAME --hosts N` (its own network, so it runs beside other labs); its
@@ -12,13 +13,16 @@ Steps (the lab is torn down at the end, try/finally, unless --keep):
      then ansible-playbook lab/demo.yml -e llmfleet_model_name/revision -e demo_dir=lab/state/NAME/bench-demo.
   3. Time the no-op re-run of playbooks/site.yml (same -e) with Ansible's defaults (a minimal cfg with
      only collections_path and host_key_checking) and with the project's ansible.cfg. For each run:
-     wall time, controller CPU (getrusage(RUSAGE_CHILDREN) deltas: user+sys of ansible-playbook and
-     every child it reaped), target CPU (cpuacct of each lab container's cgroup, before/after),
+     wall time, controller CPU (a cpuacct cgroup per run holding ansible-playbook and all its
+     descendants, daemonized SSH masters and Mitogen's multiplexer included; also the getrusage
+     (RUSAGE_CHILDREN) delta runs 1-3 used, which misses those), target CPU (cpuacct of each lab
+     container's cgroup, before/after), the 1-minute load average at start and end,
      host-tasks from the PLAY RECAP (ok+changed+skipped+failed+rescued+ignored per host), changed.
      --full-path also measures the project's settings with the playbooks' no-op fast path off
      (-e llmfleet_noop_fast_path=false, docs/rollout.md), i.e. every host through its full update.
      Each --variant is measured after the project run: the project's ansible.cfg with those settings
-     changed (to see what one lever does, in the same run).
+     changed (to see what one lever does, in the same run). --mitogen adds the variant `mitogen`:
+     strategy mitogen_linear from the venv's ansible_mitogen (pip install mitogen; not shipped).
   4. Drift repair: append a comment to /etc/nginx/nginx.conf (the nginx_tls role's template) on one
      host, re-run site.yml with the project's settings, assert changed>0 on that
      host and the file restored.
@@ -70,10 +74,14 @@ def base_env() -> dict:
 
 
 def sh(cmd: list[str], *, env: dict | None = None, timeout: float = 600, check: bool = True,
-       capture: bool = True) -> subprocess.CompletedProcess:
+       capture: bool = True, cgroup: str = "") -> subprocess.CompletedProcess:
+    def enter_cgroup() -> None:
+        Path(cgroup, "cgroup.procs").write_text("0\n")
+
     proc = subprocess.run(cmd, cwd=ROOT, env=env or base_env(), text=True, timeout=timeout, check=False,
                           stdout=subprocess.PIPE if capture else None,
-                          stderr=subprocess.STDOUT if capture else None)
+                          stderr=subprocess.STDOUT if capture else None,
+                          preexec_fn=enter_cgroup if cgroup else None)
     if check and proc.returncode != 0:
         tail = (proc.stdout or "")[-4000:]
         raise RuntimeError(f"`{' '.join(cmd[:4])} ...` exited {proc.returncode}\n{tail}")
@@ -118,6 +126,39 @@ def targets_cpu(files: dict[str, str]) -> dict[str, float]:
     return {name: read_cpu_seconds(path) for name, path in files.items()}
 
 
+# ---- controller CPU: a cpuacct cgroup of its own per run (cgroup v1) ----------------------------
+# getrusage(RUSAGE_CHILDREN) misses what ansible-playbook does not reap: SSH ControlPersist masters
+# (they daemonize) and Mitogen's connection multiplexer and its ssh clients. A cgroup holds every
+# descendant, daemonized or not, so its cpuacct.usage is the whole controller side of one run.
+CPUACCT_ROOT = Path("/sys/fs/cgroup/cpuacct")
+
+
+def controller_cgroup(label: str) -> str:
+    if not (CPUACCT_ROOT / "cgroup.procs").is_file() or not os.access(CPUACCT_ROOT, os.W_OK):
+        return ""
+    path = CPUACCT_ROOT / f"bench-site-rerun-{os.getpid()}-{label}"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+def release_cgroup(path: str) -> float:
+    """CPU seconds the cgroup used; then move what still runs there (ControlPersist masters) to
+    the root cgroup, and remove it."""
+    if not path:
+        return -1.0
+    used = int(Path(path, "cpuacct.usage").read_text().strip()) / 1e9
+    for pid in Path(path, "cgroup.procs").read_text().split():
+        try:
+            (CPUACCT_ROOT / "cgroup.procs").write_text(pid + "\n")
+        except OSError:
+            pass  # exited meanwhile
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # a process still inside: the cgroup stays, empty of measured work
+    return used
+
+
 # ---- one measured ansible-playbook run -----------------------------------------------------------
 
 def parse_recap(output: str) -> dict[str, dict[str, int]]:
@@ -140,13 +181,17 @@ def measured_run(label: str, playbook: str, extra: list[str], cfg: str, cg_files
     env["ANSIBLE_CONFIG"] = cfg
     cmd = [PLAYBOOK_BIN, "-i", inventory, playbook, *extra]
     log(f"{label}: ansible-playbook {playbook} (ANSIBLE_CONFIG={os.path.relpath(cfg, ROOT)})")
+    load0 = os.getloadavg()
+    cgroup = controller_cgroup(label)
     tgt0 = targets_cpu(cg_files)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.monotonic()
-    proc = sh(cmd, env=env, timeout=timeout, check=False)
+    proc = sh(cmd, env=env, timeout=timeout, check=False, cgroup=cgroup)
     wall = time.monotonic() - w0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     tgt1 = targets_cpu(cg_files)
+    ctl_cg = release_cgroup(cgroup)
+    load1 = os.getloadavg()
     (logdir / f"{label}.log").write_text(proc.stdout)
     recap = parse_recap(proc.stdout)
     ctl_user, ctl_sys = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
@@ -154,10 +199,14 @@ def measured_run(label: str, playbook: str, extra: list[str], cfg: str, cg_files
     per_host = {h: sum(v[k] for k in ("ok", "changed", "skipped", "failed", "rescued", "ignored"))
                 for h, v in recap.items()}
     host_tasks = sum(per_host.values())
-    cpu_total = ctl_user + ctl_sys + sum(tgt.values())
+    # controller CPU: the run's cgroup where there is one, else getrusage (runs 1-3 of
+    # docs/bench-site-rerun.md used getrusage only; both are reported)
+    ctl = ctl_cg if ctl_cg >= 0 else ctl_user + ctl_sys
+    cpu_total = ctl + sum(tgt.values())
     res = {
         "label": label, "rc": proc.returncode, "wall_s": round(wall, 2),
-        "controller_cpu_s": round(ctl_user + ctl_sys, 2), "controller_user_s": round(ctl_user, 2),
+        "controller_cpu_s": round(ctl, 2), "controller_cpu_cgroup_s": round(ctl_cg, 2),
+        "controller_cpu_rusage_s": round(ctl_user + ctl_sys, 2), "controller_user_s": round(ctl_user, 2),
         "controller_sys_s": round(ctl_sys, 2), "targets_cpu_s": round(sum(tgt.values()), 2),
         "targets_cpu_s_per_host": {n: round(v, 2) for n, v in tgt.items()},
         "cpu_total_s": round(cpu_total, 2), "host_tasks": host_tasks, "host_tasks_per_host": per_host,
@@ -165,11 +214,16 @@ def measured_run(label: str, playbook: str, extra: list[str], cfg: str, cg_files
         "changed_per_host": {h: v["changed"] for h, v in recap.items()},
         "failed": sum(v["failed"] + v["unreachable"] for v in recap.values()),
         "cpu_s_per_host_task": round(cpu_total / host_tasks, 4) if host_tasks else None,
+        "cpu_s_per_host_task_rusage": (round((ctl_user + ctl_sys + sum(tgt.values())) / host_tasks, 4)
+                                       if host_tasks else None),
         "log": str(logdir / f"{label}.log"),
+        # the machine's 1-minute load average at the start and at the end (the lab shares 2 cores)
+        "load_1m": [round(load0[0], 1), round(load1[0], 1)],
     }
     log(f"{label}: rc={res['rc']} wall={res['wall_s']}s controller={res['controller_cpu_s']} CPU-s "
+        f"(rusage {res['controller_cpu_rusage_s']}) "
         f"targets={res['targets_cpu_s']} CPU-s host-tasks={host_tasks} changed={res['changed']} "
-        f"CPU-s/host-task={res['cpu_s_per_host_task']}")
+        f"CPU-s/host-task={res['cpu_s_per_host_task']} load={res['load_1m']}")
     if proc.returncode != 0:
         log(f"{label}: output tail:\n{proc.stdout[-3000:]}")
     return res
@@ -209,6 +263,18 @@ def variant_cfg(spec: str, logdir: Path) -> tuple[str, str]:
     return name, str(path)
 
 
+def mitogen_variant() -> str:
+    """The --variant spec for Mitogen's mitogen_linear strategy, from the venv's ansible_mitogen
+    (installed by hand: `.venv/bin/pip install mitogen`; it is not in requirements*.txt)."""
+    proc = subprocess.run([PY, "-c", "import ansible_mitogen, os; print(os.path.dirname(ansible_mitogen.__file__))"],
+                          cwd=ROOT, text=True, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"--mitogen: ansible_mitogen is not importable by {PY} "
+                         f"(install it: .venv/bin/pip install mitogen):\n{proc.stdout[-1000:]}")
+    plugins = Path(proc.stdout.strip().splitlines()[-1]) / "plugins" / "strategy"
+    return f"mitogen:defaults.strategy=mitogen_linear;defaults.strategy_plugins={plugins}"
+
+
 def lab_inventory(name: str, logdir: Path) -> str:
     """The lab's inventory with inventories/lab/group_vars beside it (llmlab.py writes a named lab's
     hosts.yml under lab/state/<name>/, where the lab's group_vars do not apply)."""
@@ -235,6 +301,9 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="also measure the project's ansible.cfg with changes, after the project run: "
                          "NAME:section.key=value[;...] (e.g. 'poll01:defaults.internal_poll_interval=0.01')")
+    ap.add_argument("--mitogen", action="store_true",
+                    help="also measure the variant 'mitogen': the project's ansible.cfg with Mitogen's "
+                         "mitogen_linear strategy (ansible_mitogen must be installed in the venv)")
     ap.add_argument("--skip-defaults", action="store_true", help="do not measure Ansible's defaults")
     ap.add_argument("--full-path", action="store_true",
                     help="also measure the project's settings with the no-op fast path off "
@@ -257,7 +326,8 @@ def main() -> int:
     defaults_cfg = logdir / "defaults.cfg"
     defaults_cfg.write_text(f"[defaults]\ncollections_path = {ROOT / '.collections'}\nhost_key_checking = False\n")
     project_cfg = str(ROOT / "ansible.cfg")
-    variants = [variant_cfg(spec, logdir) for spec in args.variant]
+    specs = args.variant + ([mitogen_variant()] if args.mitogen else [])
+    variants = [variant_cfg(spec, logdir) for spec in specs]
     results: dict = {"hosts": args.hosts, "lab": args.name, "logdir": str(logdir)}
     ok = True
     try:
@@ -342,9 +412,16 @@ def main() -> int:
         p = results["project"]
         print("\n=== site.yml no-op re-run on", args.hosts, "lab hosts ===")
         print(f"{'':24}" + "".join(f"{label:>14}" for label, _run in columns))
-        for key in ("wall_s", "controller_cpu_s", "targets_cpu_s", "cpu_total_s", "host_tasks", "changed",
-                    "cpu_s_per_host_task"):
+        for key in ("wall_s", "controller_cpu_s", "controller_cpu_rusage_s", "targets_cpu_s", "cpu_total_s",
+                    "host_tasks", "changed", "cpu_s_per_host_task", "cpu_s_per_host_task_rusage"):
             print(f"{key:24}" + "".join(f"{run[key]!s:>14}" for _label, run in columns))
+        loads = ["%s-%s" % tuple(run["load_1m"]) for _label, run in columns]
+        print(f"{'load_1m (start-end)':24}" + "".join(f"{load:>14}" for load in loads))
+        if "defaults" in results:
+            d = results["defaults"]
+            for key, name in (("wall_s", "defaults/col wall"), ("cpu_total_s", "defaults/col CPU")):
+                ratios = [d[key] / run[key] if run[key] else 0.0 for _label, run in columns]
+                print(f"{name:24}" + "".join(f"{ratio:>13.2f}x" for ratio in ratios))
         print("host-tasks per host (project run):", dict(sorted(p["host_tasks_per_host"].items())))
         for label, run in columns:
             checks.append((f"no-op changed=0 ({label})", run["changed"] == 0 and run["rc"] == 0))

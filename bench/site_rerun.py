@@ -2,8 +2,8 @@
 with the project's shipped ansible.cfg vs Ansible's defaults, in one run.
 
     cd /work/main && .venv/bin/python bench/site_rerun.py [--hosts 8] [--name site-rerun] [--json OUT]
-        [--variant NAME:section.key=value[;...]]... [--mitogen] [--full-path] [--skip-defaults] [--skip-drift]
-        [--keep | --reuse]
+        [--variant NAME:section.key=value[;...]]... [--mitogen] [--phases] [--full-path]
+        [--skip-defaults] [--skip-drift] [--keep | --reuse]
 
 Steps (the lab is torn down at the end, try/finally, unless --keep):
   1. `lab/llmlab.py up --name NAME --hosts N` (its own network, so it runs beside other labs); its
@@ -21,7 +21,8 @@ Steps (the lab is torn down at the end, try/finally, unless --keep):
      --full-path also measures the project's settings with the playbooks' no-op fast path off
      (-e llmfleet_noop_fast_path=false, docs/rollout.md), i.e. every host through its full update.
      Each --variant is measured after the project run: the project's ansible.cfg with those settings
-     changed (to see what one lever does, in the same run). --mitogen adds the variant `mitogen`:
+     changed (to see what one lever does, in the same run). --phases measures each phase playbook of
+     site.yml alone with the project's settings (where the no-op's CPU goes). --mitogen adds the variant `mitogen`:
      strategy mitogen_linear from the venv's ansible_mitogen (pip install mitogen; not shipped).
   4. Drift repair: append a comment to /etc/nginx/nginx.conf (the nginx_tls role's template) on one
      host, re-run site.yml with the project's settings, assert changed>0 on that
@@ -305,6 +306,9 @@ def main() -> int:
                     help="also measure the variant 'mitogen': the project's ansible.cfg with Mitogen's "
                          "mitogen_linear strategy (ansible_mitogen must be installed in the venv)")
     ap.add_argument("--skip-defaults", action="store_true", help="do not measure Ansible's defaults")
+    ap.add_argument("--phases", action="store_true",
+                    help="also measure each phase playbook site.yml imports, alone, with the project's settings "
+                         "(where the no-op's CPU goes)")
     ap.add_argument("--full-path", action="store_true",
                     help="also measure the project's settings with the no-op fast path off "
                          "(-e llmfleet_noop_fast_path=false): every host through its full update")
@@ -367,6 +371,11 @@ def main() -> int:
             results["full_path"] = measured_run("noop-project-full-path", "playbooks/site.yml",
                                                 extra + ["-e", "llmfleet_noop_fast_path=false"], project_cfg,
                                                 cg_files, logdir, args.timeout, inventory)
+        if args.phases:
+            for phase in ("preflight", "pilot", "rollout", "monitoring"):
+                results.setdefault("phases", {})[phase] = measured_run(
+                    f"noop-phase-{phase}", f"playbooks/{phase}.yml", extra, project_cfg, cg_files, logdir,
+                    args.timeout, inventory)
         for name, cfg in variants:
             results.setdefault("variants", {})[name] = measured_run(
                 f"noop-variant-{name}", "playbooks/site.yml", extra, cfg, cg_files, logdir, args.timeout, inventory)
@@ -408,6 +417,7 @@ def main() -> int:
     labels = (("defaults", "defaults"), ("project", "project"), ("full path", "full_path"))
     columns = [(label, results[key]) for label, key in labels if key in results]
     columns += sorted(results.get("variants", {}).items())
+    columns += [(f"ph-{name}", run) for name, run in results.get("phases", {}).items()]
     if "project" in results:
         p = results["project"]
         print("\n=== site.yml no-op re-run on", args.hosts, "lab hosts ===")

@@ -131,16 +131,19 @@ class Lab:
                     "-o", "LogLevel=ERROR", "-o", "BatchMode=yes", f"root@{address}", command],
                    check=check, timeout=timeout)
 
-    def on_all(self, command_for, timeout=None):
-        """Run command_for(address) on every host at once; {address: (seconds, CompletedProcess)}."""
+    def on_all(self, command_for, timeout=None, stagger=0.0):
+        """Run command_for(address) on every host at once (or the i-th host i x stagger seconds after the
+        first); {address: (seconds from the first start to this host's finish, CompletedProcess)}."""
         results = {}
+        began = time.monotonic()
 
-        def one(address):
-            began = time.monotonic()
+        def one(index, address):
+            if stagger:
+                time.sleep(index * stagger)
             proc = self.ssh(address, command_for(address), check=False, timeout=timeout)
             results[address] = (time.monotonic() - began, proc)
 
-        threads = [threading.Thread(target=one, args=(a,)) for a in self.hosts]
+        threads = [threading.Thread(target=one, args=(i, a)) for i, a in enumerate(self.hosts)]
         for t in threads:
             t.start()
         for t in threads:
@@ -200,12 +203,23 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--skip-star", action="store_true")
-    parser.add_argument("--origin", default="webseed", help="comma-separated: webseed, seeder")
+    parser.add_argument("--origin", default="webseed",
+                        help="comma-separated: webseed (every host uses the origin's web seed), webseedK (the first "
+                        "K hosts do, the others fetch from peers alone), seeder (the origin as an aria2c seeder)")
+    parser.add_argument("--aria2-option", action="append", default=[],
+                        help="an extra aria2c option for the P2P runs (repeatable), e.g. --aria2-option=--split=1")
+    parser.add_argument("--exit-at-completion", action="store_true",
+                        help="P2P: every aria2c exits once its download is complete (the runs before 2026-11-29 "
+                        "03:00); by default it goes on seeding until the last host is complete")
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="P2P: start the i-th host i x STAGGER seconds after the first (makespan from the first)")
     args = parser.parse_args()
     rate = int(args.rate_mib * MIB)
     total = args.mib * MIB
     result = {"schema": 1, "hosts": args.hosts, "M_bytes": total, "B_bytes_per_s": rate,
-              "piece_bytes": 1 << args.piece_exp, "M_over_B_s": round(total / rate, 1)}
+              "piece_bytes": 1 << args.piece_exp, "M_over_B_s": round(total / rate, 1),
+              "aria2_options": args.aria2_option, "stagger_s": args.stagger,
+              "linger": not args.exit_at_completion}
     origin = None
     tracker_pid = str(WORK / "tracker.pid")
     try:
@@ -233,7 +247,9 @@ def main() -> int:
         tracker = json.loads(run([PY, str(ROOT / "lab" / "fanout" / "tracker.py"), "start", "--bind", lab.gateway,
                                   "--whitelist", str(whitelist), "--pidfile", tracker_pid,
                                   "--log", str(WORK / "tracker.log")]).stdout)
+        # Rebuilt every run: the origin's port (in the web seed URL) changes from run to run.
         torrent = WORK / f"r1-{args.piece_exp}.torrent"
+        torrent.unlink(missing_ok=True)
         if not torrent.exists():
             run(["mktorrent", "-d", "-p", "-l", str(args.piece_exp), "-a", tracker["announce"],
                  "-w", f"{origin.url}/bench-model/", "-n", "r1", "-o", str(torrent), str(release)])
@@ -267,6 +283,7 @@ def main() -> int:
             log(f"star: {result['star_makespan_s']} s, origin sent {result['star_origin_bytes'] / total:.2f} copies")
 
         peers_torrent = WORK / f"r1-{args.piece_exp}.peers.torrent"
+        peers_torrent.unlink(missing_ok=True)
         if not peers_torrent.exists():
             run(["mktorrent", "-d", "-p", "-l", str(args.piece_exp), "-a", tracker["announce"],
                  "-n", "r1", "-o", str(peers_torrent), str(release)])
@@ -275,7 +292,8 @@ def main() -> int:
                             "-o", "LogLevel=ERROR", f"root@{address}", "cat > /var/tmp/r1.peers.torrent"],
                            input=peers_torrent.read_bytes(), check=True, capture_output=True)
         for mode in args.origin.split(","):
-            p2p_run(lab, mode, rate, total, digests, access_log, peers_torrent, result)
+            p2p_run(lab, mode, rate, total, digests, access_log, peers_torrent, result, extra=args.aria2_option,
+                    stagger=args.stagger, linger=not args.exit_at_completion)
         report(args, result, total, rate, info)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -320,23 +338,54 @@ def start_seeder(lab, rate, peers_torrent):
     raise SystemExit("the origin's aria2c seeder did not start")
 
 
-def p2p_run(lab, mode, rate, total, digests, access_log, peers_torrent, result):
+def web_seed_hosts(mode, hosts):
+    """The hosts that get the torrent with the origin as web seed: all of them for `webseed`, the first K
+    for `webseedK` (the others get the same torrent without it: peers alone), none for `seeder`."""
+    if mode == "webseed":
+        return set(hosts)
+    if mode.startswith("webseed") and mode[len("webseed"):].isdigit():
+        return set(hosts[:int(mode[len("webseed"):])])
+    if mode == "seeder":
+        return set()
+    raise SystemExit(f"--origin {mode}: expected webseed, webseedK (K hosts use the web seed) or seeder")
+
+
+def p2p_run(lab, mode, rate, total, digests, access_log, peers_torrent, result, extra=(), stagger=0.0,
+            linger=True):
     seeder = None
+    with_web_seed = web_seed_hosts(mode, lab.hosts)
     if mode == "seeder":
         seeder, rpc_port = start_seeder(lab, rate, peers_torrent)
-    torrent = "/var/tmp/r1.torrent" if mode == "webseed" else "/var/tmp/r1.peers.torrent"
-    lab.on_all(lambda a: "rm -rf /var/tmp/p2p && mkdir -p /var/tmp/p2p")
+    # An aria2c left seeding by an interrupted run (its pid file) is stopped first.
+    lab.on_all(lambda a: "test ! -e /var/tmp/p2p.pid || kill $(cat /var/tmp/p2p.pid) 2>/dev/null; sleep 1; "
+               "rm -rf /var/tmp/p2p /var/tmp/p2p.pid && mkdir -p /var/tmp/p2p")
     since = time.time()
     log(f"p2p, origin as {mode}: every host from the swarm")
 
     def p2p_command(address):
+        torrent = "/var/tmp/r1.torrent" if address in with_web_seed else "/var/tmp/r1.peers.torrent"
         argv = swarm.aria2_argv("aria2c", torrent, "/var/tmp/p2p", "/var/tmp/p2p.log", address,
-                                upload_limit=str(rate), download_limit=str(rate), stall_timeout=120)
-        return " ".join(argv)
+                                upload_limit=str(rate), download_limit=str(rate), stall_timeout=120,
+                                seed_time=0 if not linger else 15)
+        if not linger:
+            return " ".join(argv[:-1] + list(extra) + argv[-1:])
+        # Linger: aria2c goes on seeding after its download is complete (as a host does once the role's
+        # seeding unit runs) until the bench stops it after the last host is complete; this host's finish
+        # is when aria2c calls its --on-bt-download-complete hook (complete, before seeding).
+        argv = (argv[:-1] + list(extra) + ["--seed-ratio=0", "--on-bt-download-complete=/var/tmp/p2p-done.sh"]
+                + argv[-1:])
+        return ("rm -f /var/tmp/p2p.done && printf '%s\\n' '#!/bin/sh' 'touch /var/tmp/p2p.done' > /var/tmp/p2p-done.sh"
+                " && chmod 0755 /var/tmp/p2p-done.sh && { setsid " + " ".join(argv)
+                + " </dev/null >/var/tmp/p2p.out 2>&1 & echo $! > /var/tmp/p2p.pid; }"
+                " && while [ ! -e /var/tmp/p2p.done ] && kill -0 $(cat /var/tmp/p2p.pid) 2>/dev/null; do sleep 0.2; done;"
+                " test -e /var/tmp/p2p.done || { cat /var/tmp/p2p.out >&2; false; }")
 
     try:
-        runs = lab.on_all(p2p_command)
+        runs = lab.on_all(p2p_command, stagger=stagger)
         origin_sent = origin_bytes(access_log, since)
+        if linger:
+            lab.on_all(lambda a: "kill $(cat /var/tmp/p2p.pid) 2>/dev/null; "
+                       "while kill -0 $(cat /var/tmp/p2p.pid) 2>/dev/null; do sleep 0.2; done; true")
         if seeder:
             origin_sent = sum(int(t["uploadLength"]) for t in _rpc(rpc_port, "aria2.tellActive", [["uploadLength"]]))
     finally:

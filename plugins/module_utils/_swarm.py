@@ -28,6 +28,9 @@ CONTROL_SUFFIX = ".aria2"
 # "CUID#7 - we got wrong piece. index=3" (src/message.h MSG_GOT_WRONG_PIECE).
 _WRONG_PIECE = re.compile(r"[Ww]e got wrong piece\. index=(\d+)")
 _TRACKER_ERROR = re.compile(r"announce|tracker", re.IGNORECASE)
+# aria2's log line (info level) for each block it sends a peer, e.g.
+# "CUID#26 - To: 10.0.0.13:6882 piece index=602, begin=0, length=16384" (BtPieceMessage.cc).
+_SENT_BLOCK = re.compile(r" - To: \S+ piece index=\d+")
 
 
 def _bdecode(data, i):
@@ -183,11 +186,14 @@ def download_state(dest, torrent):
 
 def aria2_argv(binary, torrent_path, dest, log_path, listen_address, listen_port="6881-6889",
                upload_limit="0", download_limit="0", piece_selector="random", stall_timeout=60,
-               seed_time=0.0, seed_ratio=0.0, check_integrity=False, seed_only=False):
+               seed_time=0.0, seed_ratio=0.0, check_integrity=False, seed_only=False, on_complete=None):
     """aria2c's command line for one torrent, fetching (seed_time 0: exit once complete) or seeding.
 
     Every listening socket is bound to ``listen_address`` (``--interface``); DHT, local peer
     discovery and peer exchange stay off, so peers meet only through the private torrent's tracker.
+    A fetch with a seed_time goes on seeding after it is complete (the caller stops it when the swarm
+    needs it no more), whatever its share ratio; ``on_complete`` is the command aria2c runs the moment
+    the download is complete (``--on-bt-download-complete``, before seeding).
     """
     if not listen_address:
         raise ValueError("listen_address is empty: the swarm must listen on the fleet address only")
@@ -205,6 +211,11 @@ def aria2_argv(binary, torrent_path, dest, log_path, listen_address, listen_port
     ]
     if seed_ratio:
         argv.append("--seed-ratio=%g" % seed_ratio)
+    elif seed_time and not seed_only:
+        # aria2c's default ratio (1.0) would end a lingering fetch while the swarm still needs it.
+        argv.append("--seed-ratio=0.0")
+    if on_complete:
+        argv.append("--on-bt-download-complete=" + on_complete)
     if seed_only:
         # The files were sha256-verified against the release manifest before they were published:
         # seeding them needs no SHA-1 re-read of every piece first.
@@ -227,3 +238,8 @@ def parse_log(text):
                          if "ERROR" in line and _TRACKER_ERROR.search(line))
     return {"wrong_pieces": len(wrong), "wrong_piece_indexes": sorted(set(wrong)),
             "tracker_errors": tracker_errors}
+
+
+def sent_blocks(text):
+    """How many blocks aria2c's log (info level) says it sent to peers."""
+    return len(_SENT_BLOCK.findall(text))

@@ -20,10 +20,12 @@ description:
     before anything is published.
   - An interrupted download (the host or the play killed) leaves aria2c's control file next to the data;
     the next run resumes it.
-  - The origin's web seed is used only while nobody has the whole release (O(web_seed=auto)). When the
-    tracker does not answer, the download goes on from the web seed alone and the module warns.
+  - The origin's web seed is used only while nobody has the whole release (O(web_seed=auto)), or only by the
+    hosts of a wave that are to fetch from it (O(web_seed=peers_first) on the others). When the tracker does
+    not answer, the download goes on from the web seed alone and the module warns.
   - aria2c listens only on O(listen_address), with DHT, local peer discovery and peer exchange off, and
-    exits as soon as the download is complete (seeding is the role's bounded unit, not this module's).
+    exits as soon as the download is complete, or with O(linger) once the swarm needs it no more (seeding
+    after publish is the role's bounded unit, not this module's).
 author:
   - llmfleet maintainers (@llmfleet)
 extends_documentation_fragment:
@@ -56,10 +58,32 @@ options:
         of the torrent (a scrape), else from peers and the origin's web seed (O(torrent)) - a later wave costs
         the origin nothing, and the first hosts still get the release.
       - V(always) uses O(torrent); V(never) uses O(peers_torrent).
+      - V(peers_first) fetches from peers alone (O(peers_torrent)) and, when the tracker counts no complete
+        seeder and no peer sends anything for O(peers_stall_timeout) seconds, goes on with the web seed as well
+        (O(torrent), resuming) with a warning. For the hosts of a simultaneous wave that are not to fetch from
+        the origin: the origin sends each piece to the few hosts that use it, not to every host (measured at
+        N = 8 in docs/fanout.md).
       - Whatever it says, a tracker that does not answer means O(torrent) (web seed alone), with a warning.
     type: str
-    choices: [auto, always, never]
+    choices: [auto, always, never, peers_first]
     default: auto
+  peers_stall_timeout:
+    description:
+      - With O(web_seed=peers_first), seconds without progress from peers alone before the web seed joins.
+    type: int
+    default: 30
+  linger:
+    description:
+      - Seconds at most that aria2c goes on seeding after its download is complete, while the tracker (a scrape)
+        counts peers that are still downloading and peers still ask it for pieces; V(0) exits at completion.
+      - A host that fetches from the origin for a wave must stay until the others have its pieces (the role's
+        seeding unit starts only after the release is verified and published).
+    type: int
+    default: 0
+  linger_idle:
+    description: With O(linger), stop once aria2c has sent no peer a block for this many seconds.
+    type: int
+    default: 10
   dest:
     description: Directory the torrent's top directory (its name) is downloaded into; created (mode C(0700)).
     type: path
@@ -150,6 +174,13 @@ seeders:
   description: Complete seeders the tracker counted before the fetch (null when it could not be asked).
   returned: success
   type: int
+lingered:
+  description:
+    - With O(linger), seconds aria2c seeded after the download was complete, and why it stopped -
+      V(swarm complete) (no peer downloading at the tracker), V(idle) (no peer asked for O(linger_idle) s),
+      V(time) (O(linger)) or V(aria2c) (it ended by itself). Null without lingering.
+  returned: success
+  type: dict
 wrong_pieces:
   description: Pieces aria2c rejected because their SHA-1 disagreed with the torrent (bad peer or bad disk).
   returned: success
@@ -161,6 +192,9 @@ seconds:
 """
 
 import os
+import shlex
+import subprocess
+import tempfile
 import time
 import urllib.parse
 from urllib.error import HTTPError, URLError
@@ -176,6 +210,7 @@ from ansible_collections.llmfleet.serving.plugins.module_utils._swarm import (
     parse_scrape,
     read_torrent,
     scrape_url,
+    sent_blocks,
     tracker_reachable,
 )
 
@@ -202,12 +237,13 @@ def _scrape(torrent, timeout):
         except (OSError, ValueError, HTTPError, URLError):
             continue
         if counts is not None:
-            return counts["complete"]
+            return counts
     return None
 
 
 def _choose(module, params, torrent):
-    """(path of the torrent to run with, whether the tracker answers, complete seeders or None)."""
+    """(path of the torrent to run with, whether the tracker answers, complete seeders or None, whether the
+    web seed joins a peers-alone fetch that stalls)."""
     reachable = any(tracker_reachable(url, params["tracker_timeout"]) for url in torrent["announce"])
     if not reachable:
         trackers = ", ".join(torrent["announce"]) or "none in the torrent"
@@ -217,17 +253,115 @@ def _choose(module, params, torrent):
         module.warn("the tracker (%s) does not answer: fetching %s from the web seed alone (%s), which is slower "
                     "and costs the origin a full copy for this host" % (trackers, torrent["name"],
                                                                         ", ".join(torrent["web_seeds"])))
-        return params["torrent"], False, None
-    seeders = _scrape(torrent, params["tracker_timeout"]) if params["peers_torrent"] else None
+        return params["torrent"], False, None, False
+    counts = _scrape(torrent, params["tracker_timeout"]) if params["peers_torrent"] else None
+    seeders = counts["complete"] if counts else None
     peers_only = params["peers_torrent"] and (
-        params["web_seed"] == "never" or (params["web_seed"] == "auto" and (seeders or 0) > 0))
+        params["web_seed"] in ("never", "peers_first")
+        or (params["web_seed"] == "auto" and (seeders or 0) > 0))
     if not peers_only:
-        return params["torrent"], True, seeders
+        return params["torrent"], True, seeders, False
     peers = _load(params["peers_torrent"])
     if peers["info_hash"] != torrent["info_hash"]:
         raise ValueError("peers_torrent %s is another torrent (info-hash %s, not %s)"
                          % (params["peers_torrent"], peers["info_hash"], torrent["info_hash"]))
-    return params["peers_torrent"], True, seeders
+    fallback = params["web_seed"] == "peers_first" and not seeders and bool(torrent["web_seeds"])
+    return params["peers_torrent"], True, seeders, fallback
+
+
+def _read_from(path, offset):
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset, ""
+    return offset + len(data), data.decode("utf-8", "replace")
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _linger(proc, marker, log_path, params, torrent):
+    """Wait for aria2c; once it is complete, stop it when the swarm needs it no more (see O(linger))."""
+    completed = last_sent = None
+    offset = 0
+    while proc.poll() is None:
+        time.sleep(1)
+        now = time.monotonic()
+        if completed is None:
+            if os.path.exists(marker):
+                completed = last_sent = now
+                offset = _read_from(log_path, 0)[0]
+            continue
+        offset, text = _read_from(log_path, offset)
+        if sent_blocks(text):
+            last_sent = now
+        counts = _scrape(torrent, params["tracker_timeout"])
+        if counts is not None and counts["incomplete"] == 0:
+            reason = "swarm complete"
+        elif now - last_sent >= params["linger_idle"]:
+            reason = "idle"
+        elif now - completed >= params["linger"]:
+            reason = "time"
+        else:
+            continue
+        _stop(proc)
+        return {"seconds": round(now - completed, 1), "ended_by": reason}
+    if completed is None:
+        return None
+    return {"seconds": round(time.monotonic() - completed, 1), "ended_by": "aria2c"}
+
+
+def _aria2c(module, params, torrent, run_path, log_path, stall_timeout, linger):
+    """Run aria2c once: (rc, its output, what lingering did or None)."""
+    marker = os.path.join(params["dest"], "." + torrent["name"] + ".complete")
+    hook = marker + ".sh"
+    if linger:
+        # aria2c runs this the moment the download is complete (before it seeds): a file in the
+        # root-only download directory says so. Written here, so nothing else has to be installed.
+        for path in (marker, hook):
+            if os.path.exists(path):
+                os.unlink(path)
+        fd = os.open(hook, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write("#!/bin/sh\n: > %s\n" % shlex.quote(marker))
+    argv = aria2_argv(module.get_bin_path("aria2c", required=True), run_path, params["dest"], log_path,
+                      params["listen_address"], listen_port=params["listen_port"],
+                      upload_limit=params["upload_limit"], download_limit=params["download_limit"],
+                      piece_selector=params["piece_selector"], stall_timeout=stall_timeout,
+                      seed_time=params["linger"] / 60.0 if linger else 0.0, on_complete=hook if linger else None,
+                      # Data without aria2c's control file (killed before its first save): check
+                      # the pieces that are there instead of refusing to touch the files.
+                      check_integrity=params["check_integrity"] or (
+                          download_state(params["dest"], torrent) == "partial"
+                          and not os.path.exists(control_file(params["dest"], torrent))))
+    if not linger:
+        rc, out, err = module.run_command(argv)
+        return rc, err or out, None
+    # Popen, not run_command: the module has to stop aria2c once it has seeded long enough.
+    try:
+        with tempfile.TemporaryFile() as output:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,  # pylint: disable=consider-using-with
+                                    stderr=subprocess.STDOUT, env=dict(os.environ, LANG="C", LC_ALL="C"))
+            try:
+                lingered = _linger(proc, marker, log_path, params, torrent)
+            finally:
+                if proc.poll() is None:
+                    _stop(proc)
+            output.seek(0)
+            text = output.read().decode("utf-8", "replace")
+    finally:
+        for path in (marker, hook):
+            if os.path.exists(path):
+                os.unlink(path)
+    return proc.returncode, text, lingered
 
 
 def main():
@@ -235,7 +369,10 @@ def main():
         argument_spec=dict(
             torrent=dict(type="path", required=True),
             peers_torrent=dict(type="path"),
-            web_seed=dict(type="str", choices=["auto", "always", "never"], default="auto"),
+            web_seed=dict(type="str", choices=["auto", "always", "never", "peers_first"], default="auto"),
+            peers_stall_timeout=dict(type="int", default=30),
+            linger=dict(type="int", default=0),
+            linger_idle=dict(type="int", default=10),
             dest=dict(type="path", required=True),
             listen_address=dict(type="str", required=True),
             listen_port=dict(type="str", default="6881-6889"),
@@ -257,25 +394,30 @@ def main():
         result = dict(changed=before != "complete", info_hash=torrent["info_hash"], path=path,
                       bytes=torrent["bytes"], state_before=before, complete=before == "complete",
                       tracker_reachable=None, web_seed=bool(torrent["web_seeds"]), seeders=None, wrong_pieces=0,
-                      seconds=0.0)
+                      seconds=0.0, lingered=None)
         if before == "complete" or module.check_mode:
             module.exit_json(**result)
-        run_path, reachable, seeders = _choose(module, params, torrent)
+        run_path, reachable, seeders, fallback = _choose(module, params, torrent)
         result.update(tracker_reachable=reachable, seeders=seeders,
                       web_seed=run_path == params["torrent"] and bool(torrent["web_seeds"]))
         os.makedirs(params["dest"], mode=0o700, exist_ok=True)
         log_path = path + ".log"
-        argv = aria2_argv(module.get_bin_path("aria2c", required=True), run_path, params["dest"], log_path,
-                          params["listen_address"], listen_port=params["listen_port"],
-                          upload_limit=params["upload_limit"], download_limit=params["download_limit"],
-                          piece_selector=params["piece_selector"], stall_timeout=params["stall_timeout"],
-                          # Data without aria2c's control file (killed before its first save): check
-                          # the pieces that are there instead of refusing to touch the files.
-                          check_integrity=params["check_integrity"] or (
-                              before == "partial" and not os.path.exists(control_file(params["dest"], torrent))))
+        # Lingering needs the tracker's count of peers still downloading.
+        linger = params["linger"] > 0 and reachable
         started = time.monotonic()
-        rc, out, err = module.run_command(argv)
-        result["seconds"] = round(time.monotonic() - started, 2)
+        while True:
+            rc, output, lingered = _aria2c(module, params, torrent, run_path, log_path,
+                                           params["peers_stall_timeout"] if fallback else params["stall_timeout"],
+                                           linger)
+            if not fallback or download_state(params["dest"], torrent) == "complete":
+                break
+            module.warn("no peer sent %s's pieces for %d s and the tracker counts no complete seeder: fetching from "
+                        "the web seed (%s) as well" % (torrent["name"], params["peers_stall_timeout"],
+                                                      ", ".join(torrent["web_seeds"])))
+            run_path, fallback = params["torrent"], False
+            result["web_seed"] = True
+        result.update(seconds=round(time.monotonic() - started, 2), lingered=lingered)
+        # aria2c appends to its log: it holds every attempt of this run (and of earlier runs of this download).
         try:
             with open(log_path, encoding="utf-8", errors="replace") as f:
                 result.update(parse_log(f.read()))
@@ -286,7 +428,7 @@ def main():
         if rc != 0 or not result["complete"]:
             raise ValueError("aria2c stopped before %s was complete (rc %d): %s. The partial data stays in %s and "
                              "the next run resumes it; aria2c's log: %s"
-                             % (torrent["name"], rc, (err or out).strip()[-500:] or "no output", path, log_path))
+                             % (torrent["name"], rc, output.strip()[-500:] or "no output", path, log_path))
     except ValueError as e:
         module.fail_json(msg=str(e))
     module.exit_json(**result)

@@ -125,6 +125,31 @@ def test_aria2_argv_seed():
     assert not any(option.startswith("--stream-piece-selector") for option in argv)
 
 
+def test_aria2_argv_lingering_fetch_seeds_whatever_its_ratio_and_says_when_it_is_complete():
+    argv = _swarm.aria2_argv("aria2c", "/t.torrent", "/d", "/d/x.log", "10.0.0.5", seed_time=5,
+                             on_complete="/d/.rev1.complete.sh")
+    assert "--seed-time=5" in argv and "--seed-ratio=0.0" in argv
+    assert "--on-bt-download-complete=/d/.rev1.complete.sh" in argv and argv[-1] == "/t.torrent"
+    assert "--stream-piece-selector=random" in argv
+    # A fetch that exits at completion has neither; a seeder keeps aria2c's own ratio unless told.
+    plain = _swarm.aria2_argv("aria2c", "/t.torrent", "/d", "/d/x.log", "10.0.0.5")
+    assert not any(o.startswith(("--seed-ratio", "--on-bt-download-complete")) for o in plain)
+    seeder = _swarm.aria2_argv("aria2c", "/t.torrent", "/d", "/d/x.log", "10.0.0.5", seed_only=True, seed_time=5)
+    assert not any(o.startswith("--seed-ratio") for o in seeder)
+
+
+def test_sent_blocks():
+    text = ("2026-11-29 03:04:03.486045 [INFO] [BtPieceMessage.cc:206] CUID#26 - To: 10.213.221.13:6882 piece "
+            "index=602, begin=0, length=16384\n"
+            "2026-11-29 03:04:03.486063 [INFO] [BtPieceMessage.cc:206] CUID#26 - To: 10.213.221.13:6882 piece "
+            "index=602, begin=16384, length=16384\n"
+            "2026-11-29 03:04:03.5 [INFO] [DefaultBtInteractive.cc:315] CUID#20 - From: 10.213.221.15:6883 have "
+            "index=4050\n"
+            "2026-11-29 03:04:03.6 [INFO] [SimpleBtMessage.cc:56] CUID#20 - To: 10.213.221.15:6883 choke\n")
+    assert _swarm.sent_blocks(text) == 2
+    assert _swarm.sent_blocks("") == 0
+
+
 def test_aria2_argv_needs_an_address():
     with pytest.raises(ValueError, match="fleet address"):
         _swarm.aria2_argv("aria2c", "/t.torrent", "/d", "/d/x.log", "")

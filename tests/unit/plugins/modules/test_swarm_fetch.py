@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from unittest import mock
 
 import pytest
@@ -105,3 +106,67 @@ def test_a_torrent_that_is_not_one_is_refused(origin, capsys):
     args["torrent"] = str(origin / "bad.torrent")
     rc, out = call_module(capsys, **args)
     assert rc == 1 and "is not a usable torrent" in out["msg"]
+
+
+@pytest.fixture
+def tracker(origin):
+    """A real opentracker on 127.0.0.1 (lab/fanout/tracker.py) with the torrents re-made for it: a swarm of
+    one host, so lingering can see the tracker count nobody downloading, and peers alone see no peer."""
+    if not shutil.which("opentracker"):
+        pytest.skip("needs Debian's opentracker (make deps installs it)")
+    # opentracker runs as nobody and reads its whitelist by path: not under pytest's root-only tmp_path.
+    shared = tempfile.mkdtemp(prefix="llmfleet-swarm-test-")
+    os.chmod(shared, 0o755)
+    whitelist = os.path.join(shared, "whitelist")
+    pidfile = str(origin / "tracker.pid")
+    tracker_py = os.path.join(REPO, "lab", "fanout", "tracker.py")
+    with open(whitelist, "w", encoding="utf-8"):
+        pass
+    started = subprocess.run([sys.executable, tracker_py, "start", "--bind", "127.0.0.1", "--whitelist", whitelist,
+                              "--pidfile", pidfile], check=True, capture_output=True, text=True)
+    announce = json.loads(started.stdout)["announce"]
+    web_seed = swarm_fetch.read_torrent((origin / "t.torrent").read_bytes())["web_seeds"][0]
+    release = origin / "origin" / "acme" / "rev1"
+    for name, extra in (("t.torrent", ["-w", web_seed]), ("t.peers.torrent", [])):
+        (origin / name).unlink()
+        subprocess.run(["mktorrent", "-d", "-p", "-l", "15", "-a", announce, *extra, "-n", "rev1",
+                        "-o", str(origin / name), str(release)], check=True, capture_output=True)
+    info_hash = swarm_fetch.read_torrent((origin / "t.torrent").read_bytes())["info_hash"]
+    with open(whitelist, "w", encoding="utf-8") as f:
+        f.write(info_hash + "\n")
+    subprocess.run([sys.executable, tracker_py, "reload", "--pidfile", pidfile], check=True, capture_output=True)
+    yield announce
+    subprocess.run([sys.executable, tracker_py, "stop", "--pidfile", pidfile], check=False, capture_output=True)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_linger_stops_aria2c_once_the_tracker_counts_nobody_downloading(origin, tracker, capsys):
+    rc, out = call_module(capsys, **_args(origin, linger=120))
+    assert rc == 0, out
+    assert out["complete"] and out["tracker_reachable"] is True and out["web_seed"] is True
+    # It seeded after completion, and the module (not aria2c's 120 s seed time) ended it: the tracker
+    # counted no peer downloading once aria2c had announced it was complete.
+    assert out["lingered"]["ended_by"] == "swarm complete", out["lingered"]
+    for path, data in FILES.items():
+        assert (origin / "dest" / "rev1" / path).read_bytes() == data
+    # Nothing of the completion hook is left, and aria2c left no control file.
+    assert sorted(p.name for p in (origin / "dest").iterdir()) == ["rev1", "rev1.log"]
+
+
+def test_peers_first_without_a_peer_goes_on_with_the_web_seed_and_warns(origin, tracker, capsys):
+    rc, out = call_module(capsys, **_args(origin, web_seed="peers_first", peers_stall_timeout=3))
+    assert rc == 0, out
+    # (the tracker knows no peer of the torrent yet: its scrape names no count)
+    assert out["complete"] and out["web_seed"] is True and not out["seeders"] and out["lingered"] is None
+    assert any("no peer sent rev1's pieces for 3 s" in w for w in out["warned"]), out["warned"]
+    for path, data in FILES.items():
+        assert (origin / "dest" / "rev1" / path).read_bytes() == data
+
+
+def test_peers_first_with_a_complete_seeder_uses_peers_alone(origin, tracker, capsys):
+    with mock.patch.object(swarm_fetch, "_scrape", return_value={"complete": 1, "incomplete": 0, "downloaded": 1}), \
+            mock.patch.object(swarm_fetch, "_aria2c", return_value=(7, "stalled", None)) as aria2c:
+        rc, out = call_module(capsys, **_args(origin, web_seed="peers_first"))
+    # No fallback to the web seed once the release has a complete seeder: the fetch fails (and resumes next run).
+    assert rc == 1 and "aria2c stopped before rev1 was complete (rc 7)" in out["msg"]
+    assert aria2c.call_count == 1 and aria2c.call_args[0][3].endswith("t.peers.torrent")

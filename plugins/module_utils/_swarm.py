@@ -19,6 +19,9 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
+import tempfile
+import time
 import urllib.parse
 
 # aria2c writes <dir>/<torrent name>.aria2 next to a download until it is complete: its presence
@@ -243,3 +246,65 @@ def parse_log(text):
 def sent_blocks(text):
     """How many blocks aria2c's log (info level) says it sent to peers."""
     return len(_SENT_BLOCK.findall(text))
+
+
+def _read_from(path, offset):
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset, ""
+    return offset + len(data), data.decode("utf-8", "replace")
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_lingering(argv, marker, log_path, decide, env=None, interval=1.0):
+    """Run aria2c (a fetch with a seed time) and stop it once it has seeded long enough.
+
+    Once ``marker`` exists (aria2c's completion hook made it), ``decide(seconds since complete,
+    seconds since aria2c last sent a peer a block)`` is asked every ``interval`` seconds; when it
+    returns a reason, aria2c is stopped (SIGTERM, SIGKILL after 30 s). Returns (rc, aria2c's output,
+    ``{seconds, ended_by}`` or None when it never completed).
+
+    A Popen of its own, not AnsibleModule.run_command: run_command waits for the process to end,
+    and here the caller decides when it ends.
+    """
+    completed = last_sent = None
+    offset = 0
+    lingered = None
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,  # pylint: disable=consider-using-with
+                                stderr=subprocess.STDOUT, env=env)
+        try:
+            while proc.poll() is None:
+                time.sleep(interval)
+                now = time.monotonic()
+                if completed is None:
+                    if os.path.exists(marker):
+                        completed = last_sent = now
+                        offset = _read_from(log_path, 0)[0]
+                    continue
+                offset, text = _read_from(log_path, offset)
+                if sent_blocks(text):
+                    last_sent = now
+                reason = decide(now - completed, now - last_sent)
+                if reason:
+                    _stop(proc)
+                    lingered = {"seconds": round(now - completed, 1), "ended_by": reason}
+        finally:
+            if proc.poll() is None:
+                _stop(proc)
+        if completed is not None and lingered is None:
+            lingered = {"seconds": round(time.monotonic() - completed, 1), "ended_by": "aria2c"}
+        output.seek(0)
+        text = output.read().decode("utf-8", "replace")
+    return proc.returncode, text, lingered

@@ -60,9 +60,9 @@ options:
       - V(always) uses O(torrent); V(never) uses O(peers_torrent).
       - V(peers_first) fetches from peers alone (O(peers_torrent)) and, when the tracker counts no complete
         seeder and no peer sends anything for O(peers_stall_timeout) seconds, goes on with the web seed as well
-        (O(torrent), resuming) with a warning. For the hosts of a simultaneous wave that are not to fetch from
-        the origin: the origin sends each piece to the few hosts that use it, not to every host (measured at
-        N = 8 in docs/fanout.md).
+        (O(torrent), resuming) with a warning. It is meant for the hosts of a simultaneous wave that are not to
+        fetch from the origin, so that the origin sends each piece to the few hosts that use it, not to every
+        host (measured at N = 8 in docs/fanout.md).
       - Whatever it says, a tracker that does not answer means O(torrent) (web seed alone), with a warning.
     type: str
     choices: [auto, always, never, peers_first]
@@ -193,8 +193,6 @@ seconds:
 
 import os
 import shlex
-import subprocess
-import tempfile
 import time
 import urllib.parse
 from urllib.error import HTTPError, URLError
@@ -209,8 +207,8 @@ from ansible_collections.llmfleet.serving.plugins.module_utils._swarm import (
     parse_log,
     parse_scrape,
     read_torrent,
+    run_lingering,
     scrape_url,
-    sent_blocks,
     tracker_reachable,
 )
 
@@ -269,54 +267,18 @@ def _choose(module, params, torrent):
     return params["peers_torrent"], True, seeders, fallback
 
 
-def _read_from(path, offset):
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError:
-        return offset, ""
-    return offset + len(data), data.decode("utf-8", "replace")
-
-
-def _stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _linger(proc, marker, log_path, params, torrent):
-    """Wait for aria2c; once it is complete, stop it when the swarm needs it no more (see O(linger))."""
-    completed = last_sent = None
-    offset = 0
-    while proc.poll() is None:
-        time.sleep(1)
-        now = time.monotonic()
-        if completed is None:
-            if os.path.exists(marker):
-                completed = last_sent = now
-                offset = _read_from(log_path, 0)[0]
-            continue
-        offset, text = _read_from(log_path, offset)
-        if sent_blocks(text):
-            last_sent = now
+def _decider(params, torrent):
+    """When a complete, lingering aria2c should stop (see O(linger)): the reason, or None."""
+    def decide(since_complete, since_sent):
         counts = _scrape(torrent, params["tracker_timeout"])
         if counts is not None and counts["incomplete"] == 0:
-            reason = "swarm complete"
-        elif now - last_sent >= params["linger_idle"]:
-            reason = "idle"
-        elif now - completed >= params["linger"]:
-            reason = "time"
-        else:
-            continue
-        _stop(proc)
-        return {"seconds": round(now - completed, 1), "ended_by": reason}
-    if completed is None:
+            return "swarm complete"
+        if since_sent >= params["linger_idle"]:
+            return "idle"
+        if since_complete >= params["linger"]:
+            return "time"
         return None
-    return {"seconds": round(time.monotonic() - completed, 1), "ended_by": "aria2c"}
+    return decide
 
 
 def _aria2c(module, params, torrent, run_path, log_path, stall_timeout, linger):
@@ -345,23 +307,13 @@ def _aria2c(module, params, torrent, run_path, log_path, stall_timeout, linger):
     if not linger:
         rc, out, err = module.run_command(argv)
         return rc, err or out, None
-    # Popen, not run_command: the module has to stop aria2c once it has seeded long enough.
     try:
-        with tempfile.TemporaryFile() as output:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,  # pylint: disable=consider-using-with
-                                    stderr=subprocess.STDOUT, env=dict(os.environ, LANG="C", LC_ALL="C"))
-            try:
-                lingered = _linger(proc, marker, log_path, params, torrent)
-            finally:
-                if proc.poll() is None:
-                    _stop(proc)
-            output.seek(0)
-            text = output.read().decode("utf-8", "replace")
+        return run_lingering(argv, marker, log_path, _decider(params, torrent),
+                             env=dict(os.environ, LANG="C", LC_ALL="C"))
     finally:
         for path in (marker, hook):
             if os.path.exists(path):
                 os.unlink(path)
-    return proc.returncode, text, lingered
 
 
 def main():
@@ -412,8 +364,8 @@ def main():
             if not fallback or download_state(params["dest"], torrent) == "complete":
                 break
             module.warn("no peer sent %s's pieces for %d s and the tracker counts no complete seeder: fetching from "
-                        "the web seed (%s) as well" % (torrent["name"], params["peers_stall_timeout"],
-                                                      ", ".join(torrent["web_seeds"])))
+                        "the web seed (%s) as well"
+                        % (torrent["name"], params["peers_stall_timeout"], ", ".join(torrent["web_seeds"])))
             run_path, fallback = params["torrent"], False
             result["web_seed"] = True
         result.update(seconds=round(time.monotonic() - started, 2), lingered=lingered)

@@ -3,7 +3,7 @@ HTTP (star) vs the BitTorrent swarm (P2P), in one run, every link capped at the 
 
     cd /work/main && .venv/bin/python bench/fanout.py [--hosts 8] [--mib 1024] [--rate-mib 20]
         [--piece-exp 20] [--shards 4] [--name bench-fanout] [--json OUT] [--keep] [--skip-star]
-        [--origin webseed,seeder]
+        [--origin webseed,webseed2,seeder] [--aria2-option OPT]... [--stagger S] [--exit-at-completion]
 
 Steps (the lab, the origin and the tracker are torn down at the end, try/finally, unless --keep):
   1. `lab/llmlab.py up --name NAME --hosts N` (its own network); aria2 installed on every host (apt).
@@ -20,9 +20,13 @@ Steps (the lab, the origin and the tracker are torn down at the end, try/finally
      (plugins/module_utils/_swarm.py aria2_argv: random piece order, bound to the host's fleet address,
      DHT/LPD/PEX off, up and down capped at B, exits once complete). Makespan = the last host's finish.
      Every host's files are then checked with sha256sum against the shards' digests. Once per --origin:
-     `webseed` (what the model_swarm role does: the origin as HTTP web seed, through the capped origin
-     above) and `seeder` (the origin as an aria2c BitTorrent seeder on the control node instead, upload
-     capped at B, its bytes read from its JSON-RPC; hosts get the torrent without web seed).
+     `webseed` (every host has the origin as HTTP web seed, through the capped origin above),
+     `webseedK` (only the first K hosts do, the others get the same torrent without it and fetch from
+     peers alone: what the model_swarm role does in a first wave, K = model_swarm_web_seed_hosts) and
+     `seeder` (the origin as an aria2c BitTorrent seeder on the control node instead, upload capped at B,
+     its bytes read from its JSON-RPC; hosts get the torrent without web seed). Unless
+     --exit-at-completion, every aria2c goes on seeding once complete (swarm_fetch's linger) until the
+     last host is complete; a host's finish is aria2c's --on-bt-download-complete hook.
   6. Prints M/B, both makespans, the ratios and the origin's bytes of each run; --json writes them.
 
 Each host's own up/down cap is aria2c's (--max-overall-upload-limit / --max-overall-download-limit);

@@ -58,9 +58,12 @@ def private_data_dir(path, inventory, extravars, group_vars=None):
     return str(pdd)
 
 
-def run(pdd, playbook):
-    """Run playbook (relative to the project) as the job of pdd: the runner's result and its events."""
-    result = ansible_runner.run(private_data_dir=pdd, playbook=playbook, quiet=True)
+def run(pdd, playbook, cmdline=None):
+    """Run playbook (relative to the project) as the job of pdd: the runner's result and its events.
+
+    cmdline: extra ansible-playbook options, e.g. "--check --diff" for a job template of type check.
+    """
+    result = ansible_runner.run(private_data_dir=pdd, playbook=playbook, quiet=True, cmdline=cmdline)
     return result, list(result.events)
 
 

@@ -191,3 +191,23 @@ def test_rollout_of_a_release_the_pilot_did_not_take_fails_before_touching_a_hos
     # No wave started: no host was drained, staged or gated.
     assert waves(events) == [] and gate_events(events) == []
     assert stats(events)["failures"] == {NODE2: 1, NODE3: 1}
+
+
+def test_a_check_job_on_the_served_fleet_changes_nothing(rollout_job, phases_lab, tmp_path):
+    # An AWX job template of type "check" (ansible-playbook --check --diff) of the pilot, after the
+    # pilot and the rollout: it succeeds, reports no change on the host that serves the release, and
+    # does not make its own report the rollouts' baseline (a check run gates nothing for real).
+    assert rollout_job[1].status == "successful", "needs a served fleet"
+    baseline = os.path.join(phases_lab["work"], "reports", "pilot-latest.json")
+    with open(baseline, encoding="utf-8") as handle:
+        before = handle.read()
+    extra = dict(survey_answers("pilot", preflight_profile="lab"), **launch_vars(phases_lab))
+    pdd = private_data_dir(tmp_path, phases_lab["inventory"], extra, phases_lab["group_vars"])
+    result, events = run(pdd, "playbooks/pilot.yml", cmdline="--check --diff")
+    assert result.status == "successful", tail(result)
+    changed = [(e["event_data"]["host"], e["event_data"]["task"]) for e in host_events(events, "runner_on_ok")
+               if e["event_data"]["res"].get("changed")]
+    assert changed == [], changed
+    assert stats(events)["failures"] == {}
+    with open(baseline, encoding="utf-8") as handle:
+        assert handle.read() == before

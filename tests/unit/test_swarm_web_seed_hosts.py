@@ -45,7 +45,8 @@ PLAYBOOK = """
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ({}, {"h2": "auto", "h3": "auto", "h5": "peers_first"}),
+    ({}, {"h2": "auto", "h3": "auto", "h5": "auto"}),
+    ({"model_swarm_web_seed_hosts": 2}, {"h2": "auto", "h3": "auto", "h5": "peers_first"}),
     ({"model_swarm_web_seed_hosts": 1}, {"h2": "auto", "h3": "peers_first", "h5": "peers_first"}),
     ({"model_swarm_web_seed_hosts": 3}, {"h2": "auto", "h3": "auto", "h5": "auto"}),
     ({"model_swarm_web_seed_hosts": 0}, {"h2": "auto", "h3": "auto", "h5": "auto"}),

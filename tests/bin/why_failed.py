@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Prints a short digest of why a test step failed, for the last lines of a CI log.
 
-    why-failed LOG [--max-lines N]
+    python3 tests/bin/why_failed.py LOG [--max-lines N]
 
 CI shows only the tail of its output; a molecule or pytest failure scrolls its cause far above the
 recap. This reads a step's log (tests/bin/step keeps one per step under tests/output/logs/), drops

@@ -56,7 +56,8 @@ options:
     description:
       - V(auto) fetches from peers alone (O(peers_torrent)) when the tracker counts at least one complete seeder
         of the torrent (a scrape), else from peers and the origin's web seed (O(torrent)) - a later wave costs
-        the origin nothing, and the first hosts still get the release.
+        the origin nothing, and the first hosts still get the release. When peers alone send nothing for
+        O(peers_stall_timeout) seconds (the tracker's count can be stale), the web seed joins, with a warning.
       - V(always) uses O(torrent); V(never) uses O(peers_torrent).
       - V(peers_first) fetches from peers alone (O(peers_torrent)) and, when the tracker counts no complete
         seeder and no peer sends anything for O(peers_stall_timeout) seconds, goes on with the web seed as well
@@ -69,7 +70,8 @@ options:
     default: auto
   peers_stall_timeout:
     description:
-      - With O(web_seed=peers_first), seconds without progress from peers alone before the web seed joins.
+      - With O(web_seed=auto) or O(web_seed=peers_first), seconds without progress from peers alone before the web
+        seed joins.
     type: int
     default: 30
   linger:
@@ -263,7 +265,11 @@ def _choose(module, params, torrent):
     if peers["info_hash"] != torrent["info_hash"]:
         raise ValueError("peers_torrent %s is another torrent (info-hash %s, not %s)"
                          % (params["peers_torrent"], peers["info_hash"], torrent["info_hash"]))
-    fallback = params["web_seed"] == "peers_first" and not seeders and bool(torrent["web_seeds"])
+    # Peers alone that send nothing for peers_stall_timeout seconds: the web seed joins (unless never).
+    # Also when the tracker counted complete seeders: its count can be stale (an aria2c killed without
+    # its "stopped" announce stays listed for the announce interval), and a fetch that completes from the
+    # origin beats one that fails.
+    fallback = params["web_seed"] in ("auto", "peers_first") and bool(torrent["web_seeds"])
     return params["peers_torrent"], True, seeders, fallback
 
 
@@ -363,9 +369,10 @@ def main():
                                            linger)
             if not fallback or download_state(params["dest"], torrent) == "complete":
                 break
-            module.warn("no peer sent %s's pieces for %d s and the tracker counts no complete seeder: fetching from "
+            module.warn("no peer sent %s's pieces for %d s (the tracker counted %s complete seeder(s)): fetching from "
                         "the web seed (%s) as well"
-                        % (torrent["name"], params["peers_stall_timeout"], ", ".join(torrent["web_seeds"])))
+                        % (torrent["name"], params["peers_stall_timeout"], seeders or "no",
+                           ", ".join(torrent["web_seeds"])))
             run_path, fallback = params["torrent"], False
             result["web_seed"] = True
         result.update(seconds=round(time.monotonic() - started, 2), lingered=lingered)

@@ -163,10 +163,20 @@ def test_peers_first_without_a_peer_goes_on_with_the_web_seed_and_warns(origin, 
         assert (origin / "dest" / "rev1" / path).read_bytes() == data
 
 
-def test_peers_first_with_a_complete_seeder_uses_peers_alone(origin, tracker, capsys):
+@pytest.mark.parametrize("web_seed", ["peers_first", "auto"])
+def test_a_stale_seeder_count_does_not_strand_a_peers_alone_fetch(origin, tracker, capsys, web_seed):
+    # The tracker counts a complete seeder that sends nothing (a stale entry): after the peers' stall the
+    # web seed joins, with a warning that names the count. (aria2c is stubbed: both attempts stall here.)
     with mock.patch.object(swarm_fetch, "_scrape", return_value={"complete": 1, "incomplete": 0, "downloaded": 1}), \
             mock.patch.object(swarm_fetch, "_aria2c", return_value=(7, "stalled", None)) as aria2c:
-        rc, out = call_module(capsys, **_args(origin, web_seed="peers_first"))
-    # No fallback to the web seed once the release has a complete seeder: the fetch fails (and resumes next run).
+        rc, out = call_module(capsys, **_args(origin, web_seed=web_seed))
     assert rc == 1 and "aria2c stopped before rev1 was complete (rc 7)" in out["msg"]
-    assert aria2c.call_count == 1 and aria2c.call_args[0][3].endswith("t.peers.torrent")
+    assert [c[0][3].rsplit("/", 1)[-1] for c in aria2c.call_args_list] == ["t.peers.torrent", "t.torrent"]
+    assert any("the tracker counted 1 complete seeder(s)" in w for w in out["warned"]), out
+
+
+def test_never_does_not_fall_back_to_the_web_seed(origin, tracker, capsys):
+    with mock.patch.object(swarm_fetch, "_scrape", return_value={"complete": 1, "incomplete": 0, "downloaded": 1}), \
+            mock.patch.object(swarm_fetch, "_aria2c", return_value=(7, "stalled", None)) as aria2c:
+        rc, out = call_module(capsys, **_args(origin, web_seed="never"))
+    assert rc == 1 and aria2c.call_count == 1 and aria2c.call_args[0][3].endswith("t.peers.torrent")

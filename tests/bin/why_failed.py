@@ -69,7 +69,8 @@ def main():
         if re.match(r"\s+\d+:\d+\s+error\s", line):
             owner = next((lines[k].strip() for k in range(index - 1, -1, -1) if lines[k] and not lines[k].startswith(" ")), "")
             found.append(f"{owner}: {line.strip()}")
-        elif re.match(r"\S+\.ya?ml:\d+", line.strip()) and index and lines[index - 1].strip():
+        elif (re.match(r"\S+\.ya?ml:\d+", line.strip()) and index
+              and re.match(r"[a-z][\w-]*(\[[\w-]+\])?: ", lines[index - 1].strip())):
             found.append(f"{lines[index - 1].strip()} {line.strip()}")
     text = "\n".join(found[-4:]).splitlines() if found else ["(no failing task or test found in the log)"]
     print("\n".join(text[-args.max_lines:]))

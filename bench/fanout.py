@@ -2,8 +2,11 @@
 HTTP (star) vs the BitTorrent swarm (P2P), in one run, every link capped at the same rate B.
 
     cd /work/main && .venv/bin/python bench/fanout.py [--hosts 8] [--mib 1024] [--rate-mib 20]
-        [--piece-exp 20] [--shards 4] [--name bench-fanout] [--json OUT] [--keep] [--skip-star]
-        [--origin webseed,webseed2,seeder] [--aria2-option OPT]... [--stagger S] [--exit-at-completion]
+        [--piece-exp 18] [--shards 4] [--name bench-fanout] [--json OUT] [--keep] [--skip-star]
+        [--origin webseed2,webseed,seeder] [--aria2-option OPT]... [--stagger S] [--exit-at-completion]
+
+Without options it measures what the model_swarm role does with its defaults (256 KiB pieces, 2 hosts
+on the web seed, lingering), against the star, at N = 8, 1 GiB, B = 20 MiB/s.
 
 Steps (the lab, the origin and the tracker are torn down at the end, try/finally, unless --keep):
   1. `lab/llmlab.py up --name NAME --hosts N` (its own network); aria2 installed on every host (apt).
@@ -201,15 +204,17 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--mib", type=int, default=1024, help="M, MiB of shards")
     parser.add_argument("--rate-mib", type=float, default=20, help="B, MiB/s, every link")
-    parser.add_argument("--piece-exp", type=int, default=20, help="piece length 2^n bytes")
+    parser.add_argument("--piece-exp", type=int, default=18,
+                        help="piece length 2^n bytes (model_swarm_piece_length_exp's default)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--name", default="bench-fanout")
     parser.add_argument("--json")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--skip-star", action="store_true")
-    parser.add_argument("--origin", default="webseed",
+    parser.add_argument("--origin", default="webseed2",
                         help="comma-separated: webseed (every host uses the origin's web seed), webseedK (the first "
-                        "K hosts do, the others fetch from peers alone), seeder (the origin as an aria2c seeder)")
+                        "K hosts do, the others fetch from peers alone; webseed2 is model_swarm's default), seeder "
+                        "(the origin as an aria2c seeder)")
     parser.add_argument("--aria2-option", action="append", default=[],
                         help="an extra aria2c option for the P2P runs (repeatable), e.g. --aria2-option=--split=1")
     parser.add_argument("--exit-at-completion", action="store_true",

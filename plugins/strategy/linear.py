@@ -32,13 +32,14 @@ DOCUMENTATION = r"""
 name: linear
 short_description: Ansible's linear strategy, through Mitogen when it is installed
 description:
-  - Runs like M(ansible.builtin.linear) (task by task over all hosts of the batch).
+  - Runs like P(ansible.builtin.linear#strategy) (task by task over all hosts of the batch).
   - When the Python package C(mitogen) is importable on the control node, runs through Mitogen's connection
     multiplexer (one persistent Python interpreter per host instead of one per task).
-  - Without Mitogen it is M(ansible.builtin.linear), with one warning.
+  - Without Mitogen it is P(ansible.builtin.linear#strategy), with one warning.
   - Under Mitogen an async task of a module outside ansible.builtin runs synchronously, with a warning,
     because such tasks hang under Mitogen (mitogen-hq/mitogen#835).
-author: llmfleet maintainers
+author:
+  - llmfleet maintainers (@llmfleet)
 """
 
 from ansible.utils.display import Display

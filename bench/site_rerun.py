@@ -2,7 +2,7 @@
 with the project's shipped ansible.cfg vs Ansible's defaults, in one run.
 
     cd /work/main && .venv/bin/python bench/site_rerun.py [--hosts 8] [--name site-rerun] [--json OUT]
-        [--variant NAME:section.key=value[;...]]... [--mitogen] [--phases] [--full-path]
+        [--variant NAME:section.key=value[;...]]... [--builtin] [--phases] [--full-path]
         [--skip-defaults] [--skip-drift] [--keep | --reuse]
 
 Steps (the lab is torn down at the end, try/finally, unless --keep):
@@ -22,8 +22,9 @@ Steps (the lab is torn down at the end, try/finally, unless --keep):
      (-e llmfleet_noop_fast_path=false, docs/rollout.md), i.e. every host through its full update.
      Each --variant is measured after the project run: the project's ansible.cfg with those settings
      changed (to see what one lever does, in the same run). --phases measures each phase playbook of
-     site.yml alone with the project's settings (where the no-op's CPU goes). --mitogen adds the variant `mitogen`:
-     strategy mitogen_linear from the venv's ansible_mitogen (pip install mitogen; not shipped).
+     site.yml alone with the project's settings (where the no-op's CPU goes). --builtin adds the variant
+     `builtin`: the project's ansible.cfg with strategy ansible.builtin.linear instead of the collection's
+     llmfleet.serving.linear (Mitogen), i.e. the other shipped settings alone.
   4. Drift repair: append a comment to /etc/nginx/nginx.conf (the nginx_tls role's template) on one
      host, re-run site.yml with the project's settings, assert changed>0 on that
      host and the file restored.
@@ -264,16 +265,7 @@ def variant_cfg(spec: str, logdir: Path) -> tuple[str, str]:
     return name, str(path)
 
 
-def mitogen_variant() -> str:
-    """The --variant spec for Mitogen's mitogen_linear strategy, from the venv's ansible_mitogen
-    (installed by hand: `.venv/bin/pip install mitogen`; it is not in requirements*.txt)."""
-    proc = subprocess.run([PY, "-c", "import ansible_mitogen, os; print(os.path.dirname(ansible_mitogen.__file__))"],
-                          cwd=ROOT, text=True, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"--mitogen: ansible_mitogen is not importable by {PY} "
-                         f"(install it: .venv/bin/pip install mitogen):\n{proc.stdout[-1000:]}")
-    plugins = Path(proc.stdout.strip().splitlines()[-1]) / "plugins" / "strategy"
-    return f"mitogen:defaults.strategy=mitogen_linear;defaults.strategy_plugins={plugins}"
+BUILTIN_VARIANT = "builtin:defaults.strategy=ansible.builtin.linear"
 
 
 def lab_inventory(name: str, logdir: Path) -> str:
@@ -302,9 +294,9 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[],
                     help="also measure the project's ansible.cfg with changes, after the project run: "
                          "NAME:section.key=value[;...] (e.g. 'poll01:defaults.internal_poll_interval=0.01')")
-    ap.add_argument("--mitogen", action="store_true",
-                    help="also measure the variant 'mitogen': the project's ansible.cfg with Mitogen's "
-                         "mitogen_linear strategy (ansible_mitogen must be installed in the venv)")
+    ap.add_argument("--builtin", action="store_true",
+                    help="also measure the variant 'builtin': the project's ansible.cfg with Ansible's own "
+                         "linear strategy instead of the collection's (Mitogen), i.e. the other settings alone")
     ap.add_argument("--skip-defaults", action="store_true", help="do not measure Ansible's defaults")
     ap.add_argument("--phases", action="store_true",
                     help="also measure each phase playbook site.yml imports, alone, with the project's settings "
@@ -330,7 +322,7 @@ def main() -> int:
     defaults_cfg = logdir / "defaults.cfg"
     defaults_cfg.write_text(f"[defaults]\ncollections_path = {ROOT / '.collections'}\nhost_key_checking = False\n")
     project_cfg = str(ROOT / "ansible.cfg")
-    specs = args.variant + ([mitogen_variant()] if args.mitogen else [])
+    specs = args.variant + ([BUILTIN_VARIANT] if args.builtin else [])
     variants = [variant_cfg(spec, logdir) for spec in specs]
     results: dict = {"hosts": args.hosts, "lab": args.name, "logdir": str(logdir)}
     ok = True

@@ -117,6 +117,15 @@ options:
     description: Seconds without any progress before aria2c gives up (the partial data stays for a resume).
     type: int
     default: 120
+  timeout:
+    description:
+      - Seconds the whole fetch may take (every attempt, lingering included); V(0) = no limit. At the limit
+        aria2c is stopped (SIGTERM: it saves its control file), the partial data stays for the next run to
+        resume, and the task fails with C(did not complete within).
+      - The module's own limit, not only the task's C(async) limit, because a task may run synchronously
+        (the collection's Mitogen strategy runs async tasks of collection modules synchronously).
+    type: int
+    default: 0
   tracker_timeout:
     description: Seconds to wait for the tracker's port before falling back to the web seed alone.
     type: float
@@ -287,8 +296,12 @@ def _decider(params, torrent):
     return decide
 
 
-def _aria2c(module, params, torrent, run_path, log_path, stall_timeout, linger):
-    """Run aria2c once: (rc, its output, what lingering did or None)."""
+def _aria2c(module, params, torrent, run_path, log_path, stall_timeout, linger, remaining=None):
+    """Run aria2c once: (rc, its output, what lingering did or None).
+
+    ``remaining``: seconds left of the fetch's time limit (None: no limit); coreutils' timeout stops
+    aria2c with SIGTERM at the limit (it saves its control file) and returns 124.
+    """
     marker = os.path.join(params["dest"], "." + torrent["name"] + ".complete")
     hook = marker + ".sh"
     if linger:
@@ -310,6 +323,8 @@ def _aria2c(module, params, torrent, run_path, log_path, stall_timeout, linger):
                       check_integrity=params["check_integrity"] or (
                           download_state(params["dest"], torrent) == "partial"
                           and not os.path.exists(control_file(params["dest"], torrent))))
+    if remaining is not None:
+        argv = [module.get_bin_path("timeout", required=True), "-k", "30", "%d" % max(1, int(remaining))] + argv
     if not linger:
         rc, out, err = module.run_command(argv)
         return rc, err or out, None
@@ -339,6 +354,7 @@ def main():
             piece_selector=dict(type="str", choices=["random", "inorder", "geom", "default"], default="random"),
             stall_timeout=dict(type="int", default=120),
             tracker_timeout=dict(type="float", default=3),
+            timeout=dict(type="int", default=0),
             check_integrity=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
@@ -363,11 +379,14 @@ def main():
         # Lingering needs the tracker's count of peers still downloading.
         linger = params["linger"] > 0 and reachable
         started = time.monotonic()
+        timed_out = False
         while True:
+            remaining = params["timeout"] - (time.monotonic() - started) if params["timeout"] > 0 else None
             rc, output, lingered = _aria2c(module, params, torrent, run_path, log_path,
                                            params["peers_stall_timeout"] if fallback else params["stall_timeout"],
-                                           linger)
-            if not fallback or download_state(params["dest"], torrent) == "complete":
+                                           linger, remaining)
+            timed_out = remaining is not None and rc in (124, 137)
+            if timed_out or not fallback or download_state(params["dest"], torrent) == "complete":
                 break
             module.warn("no peer sent %s's pieces for %d s (the tracker counted %s complete seeder(s)): fetching from "
                         "the web seed (%s) as well"
@@ -384,6 +403,10 @@ def main():
             pass
         result.pop("wrong_piece_indexes", None)
         result["complete"] = download_state(params["dest"], torrent) == "complete"
+        if timed_out and not result["complete"]:
+            raise ValueError("%s did not complete within %d s (the fetch's timeout): aria2c was stopped; the partial "
+                             "data stays in %s and the next run resumes it; aria2c's log: %s"
+                             % (torrent["name"], params["timeout"], path, log_path))
         if rc != 0 or not result["complete"]:
             raise ValueError("aria2c stopped before %s was complete (rc %d): %s. The partial data stays in %s and "
                              "the next run resumes it; aria2c's log: %s"

@@ -180,3 +180,17 @@ def test_never_does_not_fall_back_to_the_web_seed(origin, tracker, capsys):
             mock.patch.object(swarm_fetch, "_aria2c", return_value=(7, "stalled", None)) as aria2c:
         rc, out = call_module(capsys, **_args(origin, web_seed="never"))
     assert rc == 1 and aria2c.call_count == 1 and aria2c.call_args[0][3].endswith("t.peers.torrent")
+
+
+def test_the_fetchs_own_timeout_stops_aria2c_and_the_next_run_resumes(origin, capsys):
+    # The module's own limit (it holds when the task runs synchronously, as under the Mitogen strategy):
+    # about 200 kB at 20 KiB/s needs ~10 s; the limit is 3 s.
+    rc, out = call_module(capsys, timeout=3, download_limit="20K", **_args(origin))
+    assert rc == 1, out
+    assert "did not complete within 3 s" in out["msg"] and "the next run resumes it" in out["msg"]
+    assert swarm_fetch.download_state(str(origin / "dest"), swarm_fetch._load(str(origin / "t.torrent"))) == "partial"
+    assert (origin / "dest" / "rev1.aria2").exists(), "aria2c, stopped with SIGTERM, saves its control file"
+    rc, out = call_module(capsys, **_args(origin))
+    assert rc == 0 and out["complete"] and out["state_before"] == "partial", out
+    for path, data in FILES.items():
+        assert (origin / "dest" / "rev1" / path).read_bytes() == data

@@ -120,7 +120,7 @@ options:
   timeout:
     description:
       - Seconds the whole fetch may take (every attempt, lingering included); V(0) = no limit. At the limit
-        aria2c is stopped (SIGTERM: it saves its control file), the partial data stays for the next run to
+        aria2c is stopped with SIGTERM (it saves its control file), the partial data stays for the next run to
         resume, and the task fails with C(did not complete within).
       - The module's own limit, not only the task's C(async) limit, because a task may run synchronously
         (the collection's Mitogen strategy runs async tasks of collection modules synchronously).

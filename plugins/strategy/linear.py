@@ -35,21 +35,29 @@ description:
   - Runs like P(ansible.builtin.linear#strategy) (task by task over all hosts of the batch).
   - When the Python package C(mitogen) is importable on the control node, runs through Mitogen's connection
     multiplexer (one persistent Python interpreter per host instead of one per task).
-  - Without Mitogen it is P(ansible.builtin.linear#strategy), with one warning.
+  - Without Mitogen, or with a Mitogen that refuses this ansible-core release, it is
+    P(ansible.builtin.linear#strategy), with one warning that says why.
   - Under Mitogen an async task of a module outside ansible.builtin runs synchronously, with a warning,
     because such tasks hang under Mitogen (mitogen-hq/mitogen#835).
 author:
   - llmfleet maintainers (@llmfleet)
 """
 
+from ansible.errors import AnsibleError
 from ansible.utils.display import Display
 
+# Why Mitogen is not used, for the fallback's warning; None when it is.
+MITOGEN_UNUSABLE = None
 try:
     import ansible_mitogen.loaders
     import ansible_mitogen.strategy
-    HAS_MITOGEN = True
 except ImportError:  # the fallback below is the documented behaviour without Mitogen
-    HAS_MITOGEN = False
+    MITOGEN_UNUSABLE = "Mitogen is not installed on this control node"
+except AnsibleError as e:
+    # ansible_mitogen refuses, at import, an ansible-core release it does not support: after an
+    # upgrade of ansible-core the plays still run, with Ansible's own strategy and the reason.
+    MITOGEN_UNUSABLE = "Mitogen cannot run with this ansible-core (%s)" % e.message
+HAS_MITOGEN = MITOGEN_UNUSABLE is None
 
 from ansible.plugins.strategy.linear import StrategyModule as BuiltinLinear
 
@@ -100,7 +108,6 @@ else:
             if not StrategyModule._warned:
                 StrategyModule._warned = True
                 display.warning(
-                    "llmfleet.serving.linear: Mitogen is not installed on this control node, so plays run "
-                    "with ansible.builtin.linear (slower: docs/bench-site-rerun.md). Install it with "
-                    "`pip install -r requirements/control.txt`, or set strategy = ansible.builtin.linear "
-                    "to silence this warning.")
+                    "llmfleet.serving.linear: %s, so plays run with ansible.builtin.linear (slower: "
+                    "docs/bench-site-rerun.md). Install it with `pip install -r requirements/control.txt`, "
+                    "or set strategy = ansible.builtin.linear to silence this warning." % MITOGEN_UNUSABLE)
